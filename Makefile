@@ -1,0 +1,35 @@
+# The two commands of the README: `make demo` and `make test`. Everything they need is installed
+# by scripts/deps.sh (as root, on a fresh Debian machine).
+GO      ?= go
+BIN     := bin/nstarget
+TIMEOUT ?= 14m
+
+.PHONY: all build deps vet test demo bench clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN) ./cmd/nstarget
+
+deps:
+	bash scripts/deps.sh
+
+vet:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	  if [ -n "$$out" ]; then echo "gofmt needed: $$out"; exit 1; fi
+	$(GO) vet ./...
+
+# Unit, conformance and end-to-end tests: real namespaces, real sockets, real initiators.
+test: deps vet
+	$(GO) test -race -count=1 -timeout $(TIMEOUT) ./...
+
+demo: deps build
+	./$(BIN) demo
+
+# Benchmarks print tables (peer vs nstarget, same run, medians); they assert nothing.
+bench: deps build
+	$(GO) test -run '^$$' -bench . -benchmem ./...
+	@for s in scripts/bench/*.sh; do [ -f "$$s" ] || continue; echo "== $$s"; bash "$$s" || exit 1; done
+
+clean:
+	rm -rf bin

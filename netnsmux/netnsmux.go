@@ -1,0 +1,116 @@
+// Package netnsmux lets one process accept TCP connections on the same address in many Linux
+// network namespaces at once, with no OS thread per namespace.
+//
+// It owns: discovery of named namespaces in a directory (default /run/netns) by inotify and
+// level-triggered rescans; one identity-checked handle per namespace, keyed by the kernel's
+// never-reused namespace id (NS_GET_ID); a small pool of locked OS threads that enter a namespace
+// with setns only when they are not there already; the listening sockets created inside each
+// namespace; and a single epoll loop that accepts on all of them.
+//
+// It must never: know anything about the protocol spoken on its connections, use mtime, inode
+// numbers, fd numbers or NETNSA_NSID as a namespace's identity, leave any goroutine's OS thread
+// in a tenant namespace, or call setns on the data path (a socket keeps the namespace it was
+// created in).
+//
+// THIS FILE IS THE CONTRACT other packages compile against. The implementation replaces the stub
+// bodies; exported names and meanings stay (additions are fine).
+package netnsmux
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"time"
+)
+
+// ID is the kernel's 64-bit network namespace id (ioctl NS_GET_ID; equal to SO_NETNS_COOKIE of
+// the namespace's sockets). Compare for equality only: it is unique, never reused, not ordered.
+type ID uint64
+
+// ErrClosed is returned by Accept and Do after the Mux was closed.
+var ErrClosed = errors.New("netnsmux: closed")
+
+// Options configure a Mux. The zero value is usable.
+type Options struct {
+	Dir      string        // directory of named namespaces; default "/run/netns" (created if missing)
+	Workers  int           // locked OS threads that run Do; default 2
+	Logger   *slog.Logger  // default slog.Default()
+	RetryMin time.Duration // first retry of a failed listen; default 50ms
+	RetryMax time.Duration // backoff cap; default 5s
+	// OnEvent, if set, is called for every Event, from the Mux's own goroutines. It must not block
+	// and must not call back into the Mux.
+	OnEvent func(Event)
+}
+
+// EventKind says what happened to a namespace or one of its listeners.
+type EventKind int
+
+const (
+	NamespaceAdded    EventKind = iota + 1 // a wanted name now refers to a live namespace (handle held)
+	NamespaceRemoved                       // the name vanished; its listeners and conns are closed
+	NamespaceReplaced                      // the name now refers to a different namespace (ID != OldID)
+	ListenerUp                             // Addr is accepting inside Namespace
+	ListenerFailed                         // listening on Addr inside Namespace failed; Err says why; retried
+)
+
+// Event is reported to Options.OnEvent.
+type Event struct {
+	Kind      EventKind
+	Namespace string
+	ID        ID
+	OldID     ID     // NamespaceReplaced only
+	Addr      string // Listener* only
+	Err       error
+}
+
+// Conn is an accepted connection, tagged with the namespace it arrived in. Closing it is the
+// receiver's job; the Mux also closes it when its namespace is removed or replaced, or on Close.
+type Conn struct {
+	*net.TCPConn
+	Namespace  string // the name under Options.Dir
+	ID         ID     // identity of that namespace; equals the socket's SO_NETNS_COOKIE
+	ListenAddr string // the address as given to Listen (LocalAddr() is the address the client dialled)
+}
+
+// Stats are cumulative counters and current gauges.
+type Stats struct {
+	Switches   uint64 // setns calls made by the worker pool
+	Skips      uint64 // Do calls that found their thread already in the namespace
+	Namespaces int    // handles currently held
+	Listeners  int    // listening sockets currently open
+	Conns      int    // accepted conns not yet closed
+}
+
+// Mux is the registry, the worker pool and the accept loop. Create with New, start with Run.
+type Mux struct{}
+
+// New prepares a Mux; nothing is watched until Run.
+func New(opts Options) (*Mux, error) { panic("netnsmux: not implemented") }
+
+// Listen asks for a listener on addr ("ip:port") inside the namespace called name, now if it
+// exists and whenever it (re)appears. It may be called before or while Run is running.
+func (m *Mux) Listen(name, addr string) error { panic("netnsmux: not implemented") }
+
+// Unlisten withdraws a Listen; the listener is closed, accepted conns are left alone.
+func (m *Mux) Unlisten(name, addr string) { panic("netnsmux: not implemented") }
+
+// Run watches the directory and accepts connections until ctx is done or Close is called, then
+// releases every listener, conn, handle and thread it holds before returning.
+func (m *Mux) Run(ctx context.Context) error { panic("netnsmux: not implemented") }
+
+// Accept returns the next accepted connection of any namespace.
+func (m *Mux) Accept(ctx context.Context) (*Conn, error) { panic("netnsmux: not implemented") }
+
+// Do runs fn on a locked OS thread that is inside the named namespace (entering it only if the
+// thread is not there already). Use it to create sockets, netlink handles or open /proc/sys/net
+// files; never for I/O on existing sockets.
+func (m *Mux) Do(ctx context.Context, name string, fn func() error) error {
+	panic("netnsmux: not implemented")
+}
+
+// Stats returns the current counters.
+func (m *Mux) Stats() Stats { panic("netnsmux: not implemented") }
+
+// Close stops Run and releases everything; safe to call more than once.
+func (m *Mux) Close() error { panic("netnsmux: not implemented") }
