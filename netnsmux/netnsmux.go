@@ -12,12 +12,16 @@
 // in a tenant namespace, or call setns on the data path (a socket keeps the namespace it was
 // created in).
 //
-// THIS FILE IS THE CONTRACT other packages compile against. The implementation replaces the stub
+// Importing this package locks the main goroutine to the main OS thread (runtime.LockOSThread
+// in init), so that no tenant namespace is ever entered on the main thread; see pool_linux.go.
+// Linux only. Design, identity rules, the pre-6.18 fallback and measured numbers: README.md.
+//
+// THIS FILE IS THE CONTRACT other packages compile against (Mux and its methods live in
+// mux_linux.go). The implementation replaces the stub
 // bodies; exported names and meanings stay (additions are fine).
 package netnsmux
 
 import (
-	"context"
 	"errors"
 	"log/slog"
 	"net"
@@ -66,11 +70,14 @@ type Event struct {
 
 // Conn is an accepted connection, tagged with the namespace it arrived in. Closing it is the
 // receiver's job; the Mux also closes it when its namespace is removed or replaced, or on Close.
+// Close it through (*Conn).Close (not the embedded TCPConn) so the Mux forgets it.
 type Conn struct {
 	*net.TCPConn
 	Namespace  string // the name under Options.Dir
 	ID         ID     // identity of that namespace; equals the socket's SO_NETNS_COOKIE
 	ListenAddr string // the address as given to Listen (LocalAddr() is the address the client dialled)
+
+	track *connTrack // lets Close tell the Mux the conn is gone
 }
 
 // Stats are cumulative counters and current gauges.
@@ -80,37 +87,9 @@ type Stats struct {
 	Namespaces int    // handles currently held
 	Listeners  int    // listening sockets currently open
 	Conns      int    // accepted conns not yet closed
+
+	// Added by the implementation.
+	Mismatches uint64 // accepted sockets whose SO_NETNS_COOKIE differed from their listener's namespace (closed)
+	Overflows  uint64 // IN_Q_OVERFLOW events seen (each triggered a full rescan)
+	Discarded  uint64 // worker threads discarded because switching back home failed
 }
-
-// Mux is the registry, the worker pool and the accept loop. Create with New, start with Run.
-type Mux struct{}
-
-// New prepares a Mux; nothing is watched until Run.
-func New(opts Options) (*Mux, error) { panic("netnsmux: not implemented") }
-
-// Listen asks for a listener on addr ("ip:port") inside the namespace called name, now if it
-// exists and whenever it (re)appears. It may be called before or while Run is running.
-func (m *Mux) Listen(name, addr string) error { panic("netnsmux: not implemented") }
-
-// Unlisten withdraws a Listen; the listener is closed, accepted conns are left alone.
-func (m *Mux) Unlisten(name, addr string) { panic("netnsmux: not implemented") }
-
-// Run watches the directory and accepts connections until ctx is done or Close is called, then
-// releases every listener, conn, handle and thread it holds before returning.
-func (m *Mux) Run(ctx context.Context) error { panic("netnsmux: not implemented") }
-
-// Accept returns the next accepted connection of any namespace.
-func (m *Mux) Accept(ctx context.Context) (*Conn, error) { panic("netnsmux: not implemented") }
-
-// Do runs fn on a locked OS thread that is inside the named namespace (entering it only if the
-// thread is not there already). Use it to create sockets, netlink handles or open /proc/sys/net
-// files; never for I/O on existing sockets.
-func (m *Mux) Do(ctx context.Context, name string, fn func() error) error {
-	panic("netnsmux: not implemented")
-}
-
-// Stats returns the current counters.
-func (m *Mux) Stats() Stats { panic("netnsmux: not implemented") }
-
-// Close stops Run and releases everything; safe to call more than once.
-func (m *Mux) Close() error { panic("netnsmux: not implemented") }
