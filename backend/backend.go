@@ -8,10 +8,27 @@
 // bodies; exported names and meanings stay (additions are fine).
 package backend
 
-import "errors"
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+)
 
 // ErrShrink is wrapped by Open and Check when the configured size is below the existing file's.
 var ErrShrink = errors.New("volume is larger than the configured size; refusing to shrink")
+
+// ErrBadName is wrapped when a volume name is not a plain, safe file name.
+var ErrBadName = errors.New("invalid volume name")
+
+// ErrClosed is returned by I/O on a volume whose pool or last reference has been closed.
+var ErrClosed = errors.New("volume closed")
+
+// ErrPoolBusy is wrapped by Open when another Pool (normally another nstarget process) has
+// volumes of the same directory open: two servers on one pool would hand one volume to two
+// initiators that each believe they own it.
+var ErrPoolBusy = errors.New("pool directory is in use by another process")
 
 // Volume is a byte-addressed block store. Implementations are safe for concurrent use; ReadAt and
 // WriteAt never touch bytes outside [off, off+len(p)).
@@ -31,19 +48,208 @@ type Volume interface {
 	Close() error
 }
 
+// FileVolume is implemented by volumes backed by a local file, so a transport may use
+// zero-copy paths (sendfile/splice) on it. The file must not be closed or resized by the caller.
+type FileVolume interface {
+	Volume
+	File() *os.File
+}
+
 // Pool is the directory all volumes live in.
-type Pool struct{}
+type Pool struct {
+	dir string
+
+	mu     sync.Mutex
+	open   map[string]*fileVol
+	closed bool
+	// lock holds an exclusive flock on the directory from the first Open until Close; Check
+	// takes none, so a configuration can be checked while a server runs.
+	lock *os.File
+}
 
 // OpenPool opens (creating if missing) the pool directory.
-func OpenPool(dir string) (*Pool, error) { panic("backend: not implemented") }
+func OpenPool(dir string) (*Pool, error) {
+	if dir == "" {
+		return nil, fmt.Errorf("backend: empty pool directory")
+	}
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return nil, fmt.Errorf("backend: create pool %s: %w", dir, err)
+	}
+	st, err := os.Stat(dir)
+	if err != nil {
+		return nil, fmt.Errorf("backend: stat pool %s: %w", dir, err)
+	}
+	if !st.IsDir() {
+		return nil, fmt.Errorf("backend: pool %s is not a directory", dir)
+	}
+	return &Pool{dir: dir, open: make(map[string]*fileVol)}, nil
+}
+
+// Dir is the pool directory.
+func (p *Pool) Dir() string { return p.dir }
+
+// ValidName reports whether name can be a volume name: 1..200 characters of [A-Za-z0-9._-],
+// not starting with '.', so it can never escape the pool directory or hide as a dot file.
+func ValidName(name string) error {
+	if name == "" || len(name) > 200 {
+		return fmt.Errorf("volume %q: %w: length must be 1..200", name, ErrBadName)
+	}
+	if name[0] == '.' || name[0] == '-' {
+		return fmt.Errorf("volume %q: %w: must not start with '.' or '-'", name, ErrBadName)
+	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '.', c == '_', c == '-':
+		default:
+			return fmt.Errorf("volume %q: %w: only [A-Za-z0-9._-] allowed", name, ErrBadName)
+		}
+	}
+	return nil
+}
+
+func checkSize(name string, size int64) error {
+	if size <= 0 {
+		return fmt.Errorf("volume %q: size %d must be positive", name, size)
+	}
+	return nil
+}
 
 // Check validates that name/size could be opened without touching anything on disk: a bad
 // name, or an existing file larger than size (ErrShrink), is an error naming the volume.
-func (p *Pool) Check(name string, size int64) error { panic("backend: not implemented") }
+func (p *Pool) Check(name string, size int64) error {
+	if err := ValidName(name); err != nil {
+		return fmt.Errorf("backend: %w", err)
+	}
+	if err := checkSize(name, size); err != nil {
+		return fmt.Errorf("backend: %w", err)
+	}
+	// Lstat, as Open refuses to follow a symlink planted in the pool.
+	st, err := os.Lstat(filepath.Join(p.dir, name))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("backend: volume %q: %w", name, err)
+	}
+	if !st.Mode().IsRegular() {
+		return fmt.Errorf("backend: volume %q: not a regular file", name)
+	}
+	if st.Size() > size {
+		return fmt.Errorf("backend: volume %q: existing size %d > configured %d: %w", name, st.Size(), size, ErrShrink)
+	}
+	return nil
+}
 
 // Open returns the volume called name, creating it sparse at size if missing and growing it if
 // smaller; the same *file* is shared by every Open of the same name (reference counted).
-func (p *Pool) Open(name string, size int64) (Volume, error) { panic("backend: not implemented") }
+// Opening an already open volume with a larger size grows it; a smaller size is ErrShrink.
+func (p *Pool) Open(name string, size int64) (Volume, error) {
+	if err := ValidName(name); err != nil {
+		return nil, fmt.Errorf("backend: %w", err)
+	}
+	if err := checkSize(name, size); err != nil {
+		return nil, fmt.Errorf("backend: %w", err)
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return nil, fmt.Errorf("backend: volume %q: pool %w", name, ErrClosed)
+	}
+	if p.lock == nil {
+		lock, err := lockDir(p.dir)
+		if err != nil {
+			return nil, fmt.Errorf("backend: volume %q: %w", name, err)
+		}
+		p.lock = lock
+	}
+	if v, ok := p.open[name]; ok {
+		cur := v.size.Load()
+		if size < cur {
+			return nil, fmt.Errorf("backend: volume %q: open size %d > configured %d: %w", name, cur, size, ErrShrink)
+		}
+		if size > cur {
+			if err := v.f.Truncate(size); err != nil {
+				return nil, fmt.Errorf("backend: volume %q: grow to %d: %w", name, size, err)
+			}
+			v.size.Store(size)
+		}
+		v.refs++
+		return &volRef{fileVol: v}, nil
+	}
+	f, created, err := openVolumeFile(p.dir, name)
+	if err != nil {
+		return nil, fmt.Errorf("backend: volume %q: %w", name, err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("backend: volume %q: %w", name, err)
+	}
+	if !st.Mode().IsRegular() {
+		f.Close()
+		return nil, fmt.Errorf("backend: volume %q: not a regular file", name)
+	}
+	if st.Size() > size {
+		f.Close()
+		return nil, fmt.Errorf("backend: volume %q: existing size %d > configured %d: %w", name, st.Size(), size, ErrShrink)
+	}
+	if st.Size() < size {
+		// Truncate upwards only: the check above guarantees this never drops data.
+		if err := f.Truncate(size); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("backend: volume %q: grow %d -> %d: %w", name, st.Size(), size, err)
+		}
+	}
+	if created {
+		// The new directory entry must survive a crash as well as the data later made
+		// durable with fdatasync, which covers the file but not its name.
+		if err := syncDir(p.dir); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("backend: volume %q: %w", name, err)
+		}
+	}
+	v := &fileVol{pool: p, name: name, f: f, fd: int(f.Fd()), refs: 1}
+	v.size.Store(size)
+	p.open[name] = v
+	return &volRef{fileVol: v}, nil
+}
 
 // Close syncs and closes every volume still open.
-func (p *Pool) Close() error { panic("backend: not implemented") }
+func (p *Pool) Close() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.closed = true
+	var errs []error
+	for name, v := range p.open {
+		if err := v.closeFile(); err != nil {
+			errs = append(errs, err)
+		}
+		delete(p.open, name)
+	}
+	if p.lock != nil {
+		// Closing the descriptor releases the flock, after every volume is synced and closed.
+		if err := p.lock.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("backend: pool %s: release lock: %w", p.dir, err))
+		}
+		p.lock = nil
+	}
+	return errors.Join(errs...)
+}
+
+// release drops one reference to v and closes the file with the last one.
+func (p *Pool) release(v *fileVol) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if v.refs <= 0 {
+		return nil
+	}
+	v.refs--
+	if v.refs > 0 {
+		return nil
+	}
+	if p.open[v.name] == v {
+		delete(p.open, v.name)
+	}
+	return v.closeFile()
+}
