@@ -10,7 +10,10 @@
 // stub bodies; exported names and meanings stay (additions are fine).
 package scsi
 
-import "nstarget/backend"
+import (
+	"fmt"
+	"slices"
+)
 
 // Status codes (SAM-5).
 const (
@@ -56,6 +59,8 @@ type Result struct {
 	Wanted uint32
 }
 
+// LU and NewLU live in lu.go.
+
 // LUConfig describes one logical unit.
 type LUConfig struct {
 	BlockSize  uint32 // default 512
@@ -66,29 +71,72 @@ type LUConfig struct {
 	WriteCache bool   // report a volatile write cache (WCE=1) and honour FUA/SYNC CACHE
 }
 
-// LU is one logical unit backed by one volume. Safe for concurrent use.
-type LU struct{}
-
-// NewLU makes a logical unit on vol. Device identifiers (VPD 0x80/0x83) derive from the volume,
-// never from the tenant's network, so they are stable across restarts and addresses.
-func NewLU(vol backend.Volume, cfg LUConfig) (*LU, error) { panic("scsi: not implemented") }
-
 // Device is the SCSI target device of one iSCSI target: its LUN map. It answers REPORT LUNS and
 // commands to LUNs that do not exist, and routes the rest to the LU.
-type Device struct{}
+type Device struct {
+	luns   map[uint64]*LU
+	sorted []uint64
+}
 
-// NewDevice builds a device from a LUN map.
-func NewDevice(luns map[uint64]*LU) *Device { panic("scsi: not implemented") }
+// NewDevice builds a device from a LUN map. The map is copied; nil LUs are ignored.
+func NewDevice(luns map[uint64]*LU) *Device {
+	d := &Device{luns: make(map[uint64]*LU, len(luns))}
+	for n, lu := range luns {
+		if lu == nil {
+			continue
+		}
+		d.luns[n] = lu
+		d.sorted = append(d.sorted, n)
+	}
+	slices.Sort(d.sorted)
+	return d
+}
 
 // Execute runs cmd to completion. Safe to call from many goroutines at once.
-func (d *Device) Execute(cmd *Command) Result { panic("scsi: not implemented") }
+func (d *Device) Execute(cmd *Command) Result {
+	if cmd == nil || len(cmd.CDB) == 0 {
+		return invalidOpcode()
+	}
+	if cmd.CDB[0] == opReportLUNs {
+		return d.reportLUNs(cmd)
+	}
+	lu := d.luns[cmd.LUN]
+	if lu == nil {
+		return noSuchLUN(cmd)
+	}
+	return lu.execute(cmd)
+}
 
 // LUNReset resets one LU on behalf of nexus (clears SPC-2 reservations, sets unit attentions).
-func (d *Device) LUNReset(lun uint64, nexus *Nexus) error { panic("scsi: not implemented") }
+func (d *Device) LUNReset(lun uint64, nexus *Nexus) error {
+	lu := d.luns[lun]
+	if lu == nil {
+		return fmt.Errorf("scsi: LUN reset: LUN %d does not exist", lun)
+	}
+	lu.reset(nexus)
+	return nil
+}
 
 // TargetReset resets every LU (TARGET WARM RESET).
-func (d *Device) TargetReset(nexus *Nexus) { panic("scsi: not implemented") }
+func (d *Device) TargetReset(nexus *Nexus) {
+	for _, lu := range d.luns {
+		lu.reset(nexus)
+	}
+}
 
 // NexusLoss is called when a session ends (logout, connection loss, reinstatement): SPC-2
 // reservations held by it are released; persistent reservations stay.
-func (d *Device) NexusLoss(nexus *Nexus) { panic("scsi: not implemented") }
+func (d *Device) NexusLoss(nexus *Nexus) {
+	if nexus == nil {
+		return
+	}
+	for _, lu := range d.luns {
+		lu.nexusLoss(nexus)
+	}
+}
+
+// LUNs lists the device's LUN numbers in ascending order.
+func (d *Device) LUNs() []uint64 { return slices.Clone(d.sorted) }
+
+// LU returns the logical unit at lun, or nil.
+func (d *Device) LU(lun uint64) *LU { return d.luns[lun] }

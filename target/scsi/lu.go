@@ -1,0 +1,320 @@
+package scsi
+
+import (
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"nstarget/backend"
+)
+
+// Limits advertised in the Block Limits VPD page and enforced by the commands.
+const (
+	maxTransferBytes   = 8 << 20  // largest READ/WRITE/VERIFY a single command may move
+	optTransferBytes   = 1 << 20  // what initiators should aim for
+	maxWriteSameBytes  = 64 << 20 // largest non-unmapping WRITE SAME (real writes)
+	maxUnmapDescs      = 256      // UNMAP block descriptors per command
+	maxCompareAndWrite = 255      // blocks per COMPARE AND WRITE (CDB field is one byte)
+	scratchBytes       = 256 << 10
+)
+
+// LU is one logical unit backed by one volume. Safe for concurrent use.
+type LU struct {
+	vol     backend.Volume
+	cfg     LUConfig
+	bs      uint32
+	nblocks uint64
+
+	naa    [8]byte // NAA 3 (locally assigned) designator
+	eui64  [8]byte
+	serial string
+
+	lbppbe        byte // log2(logical blocks per physical block) reported by READ CAPACITY 16
+	maxXferBlocks uint32
+	maxWSBlocks   uint32
+
+	// atomicMu serialises the read-modify-write commands (COMPARE AND WRITE, ORWRITE) against
+	// every writer: plain writes take it shared, so they never interleave with a compare.
+	atomicMu sync.RWMutex
+
+	// gate is non-zero while any nexus has a pending unit attention or any reservation or
+	// registration exists; the hot path checks only this before touching mu.
+	gate atomic.Int32
+
+	// writeCache / swp mirror the mode pages so the data path reads them without mu.
+	writeCache atomic.Bool
+	swp        atomic.Bool
+
+	// known is a copy-on-write snapshot of the nexus IDs that have state here, so the hot
+	// path neither takes mu nor allocates.
+	known atomic.Pointer[map[uint64]struct{}]
+
+	// mu guards the state below; the gate check takes it shared when it only reads, so
+	// sessions sharing a reserved LU (clusters) do not serialise on it.
+	mu      sync.RWMutex
+	nexuses map[uint64]*nexusState // by Nexus.ID
+	resv2   *Nexus                 // SPC-2 RESERVE holder (nil: none)
+	resv2ID uint64
+	pr      prState
+	mode    modeState
+}
+
+// nexusState is per-I_T-nexus state kept by an LU.
+type nexusState struct {
+	nexus *Nexus
+	port  string // portOf(nexus), computed once: the PR check runs on every command while
+	// registrations exist and must not allocate
+	ua []asc
+}
+
+var scratchPool = sync.Pool{New: func() any { b := make([]byte, scratchBytes); return &b }}
+
+// NewLU makes a logical unit on vol. Device identifiers (VPD 0x80/0x83) derive from the volume,
+// never from the tenant's network, so they are stable across restarts and addresses.
+func NewLU(vol backend.Volume, cfg LUConfig) (*LU, error) {
+	if vol == nil {
+		return nil, errors.New("scsi: NewLU: nil volume")
+	}
+	if cfg.BlockSize == 0 {
+		cfg.BlockSize = 512
+	}
+	switch cfg.BlockSize {
+	case 512, 1024, 2048, 4096:
+	default:
+		return nil, fmt.Errorf("scsi: volume %q: block size %d not one of 512, 1024, 2048, 4096", vol.Name(), cfg.BlockSize)
+	}
+	if vol.Size() < int64(cfg.BlockSize) {
+		return nil, fmt.Errorf("scsi: volume %q: size %d smaller than one block", vol.Name(), vol.Size())
+	}
+	if cfg.Vendor == "" {
+		cfg.Vendor = "NSTARGET"
+	}
+	if cfg.Product == "" {
+		cfg.Product = "VOLUME"
+	}
+	lu := &LU{
+		vol:     vol,
+		cfg:     cfg,
+		bs:      cfg.BlockSize,
+		nblocks: uint64(vol.Size()) / uint64(cfg.BlockSize),
+		nexuses: make(map[uint64]*nexusState),
+	}
+	// One logical block per physical block is reported even though the file system under
+	// the pool allocates 4 KiB: GET LBA STATUS then answers for exactly the LBA asked
+	// (libiscsi's GetLBAStatus.UnmapSingle assumes that), and unaligned UNMAPs still read back
+	// as zeros because hole punching zeroes partial blocks.
+	lu.lbppbe = 0
+	lu.maxXferBlocks = maxTransferBytes / cfg.BlockSize
+	lu.maxWSBlocks = min(0xFFFF, maxWriteSameBytes/cfg.BlockSize)
+	sum := sha256.Sum256([]byte("nstarget-volume:" + vol.Name()))
+	// NAA 3: locally assigned, 60 bits of the hash.
+	copy(lu.naa[:], sum[:8])
+	lu.naa[0] = 0x30 | (lu.naa[0] & 0x0F)
+	copy(lu.eui64[:], sum[8:16])
+	lu.serial = cfg.Serial
+	if lu.serial == "" {
+		lu.serial = fmt.Sprintf("%x", sum[:12])
+	}
+	lu.serial = sanitizeASCII(lu.serial, 64)
+	lu.writeCache.Store(cfg.WriteCache)
+	lu.mode = defaultModeState(cfg.WriteCache)
+	return lu, nil
+}
+
+// sanitizeASCII keeps printable ASCII (SPC-5 4.3.1) and trims to max bytes.
+func sanitizeASCII(s string, max int) string {
+	var b strings.Builder
+	for i := 0; i < len(s) && b.Len() < max; i++ {
+		c := s[i]
+		if c < 0x20 || c > 0x7E {
+			c = '_'
+		}
+		b.WriteByte(c)
+	}
+	return b.String()
+}
+
+// Volume is the backing volume.
+func (lu *LU) Volume() backend.Volume { return lu.vol }
+
+// BlockSize is the logical block size in bytes.
+func (lu *LU) BlockSize() uint32 { return lu.bs }
+
+// Blocks is the number of logical blocks.
+func (lu *LU) Blocks() uint64 { return lu.nblocks }
+
+// MaxTransferBytes is the largest data transfer one READ/WRITE may ask for (Block Limits VPD).
+func (lu *LU) MaxTransferBytes() uint32 { return lu.maxXferBlocks * lu.bs }
+
+// recomputeGate must be called with mu held after any change to UAs or reservations.
+func (lu *LU) recomputeGate() {
+	var g int32
+	if lu.resv2 != nil || lu.pr.active() {
+		g = 1
+	}
+	if g == 0 {
+		for _, ns := range lu.nexuses {
+			if len(ns.ua) > 0 {
+				g = 1
+				break
+			}
+		}
+	}
+	lu.gate.Store(g)
+}
+
+// publishKnownLocked replaces the known-nexus snapshot; mu must be held.
+func (lu *LU) publishKnownLocked() {
+	m := make(map[uint64]struct{}, len(lu.nexuses))
+	for id := range lu.nexuses {
+		m[id] = struct{}{}
+	}
+	lu.known.Store(&m)
+}
+
+// nexusStateLocked returns (creating) the state for n; mu must be held.
+func (lu *LU) nexusStateLocked(n *Nexus) *nexusState {
+	ns := lu.nexuses[n.ID]
+	if ns == nil {
+		ns = &nexusState{nexus: n, port: portOf(n)}
+		lu.nexuses[n.ID] = ns
+		lu.publishKnownLocked()
+	} else {
+		ns.nexus = n
+	}
+	return ns
+}
+
+// addUALocked queues a unit attention for every known nexus except skip (0: none).
+func (lu *LU) addUALocked(code asc, skipID uint64, only func(*Nexus) bool) {
+	for id, ns := range lu.nexuses {
+		if id == skipID && skipID != 0 {
+			continue
+		}
+		if only != nil && !only(ns.nexus) {
+			continue
+		}
+		if len(ns.ua) >= 8 || slices.Contains(ns.ua, code) {
+			continue
+		}
+		ns.ua = append(ns.ua, code)
+	}
+}
+
+// reset implements LOGICAL UNIT RESET: SPC-2 reservations go, persistent ones stay, every
+// nexus sees a reset unit attention.
+// The nexus that asked for the reset knows about it and gets no unit attention.
+func (lu *LU) reset(by *Nexus) {
+	lu.mu.Lock()
+	defer lu.mu.Unlock()
+	lu.resv2 = nil
+	lu.resv2ID = 0
+	skip := uint64(0)
+	if by != nil {
+		skip = by.ID
+	}
+	lu.addUALocked(ascPowerOnReset, skip, nil)
+	lu.recomputeGate()
+}
+
+func (lu *LU) nexusLoss(n *Nexus) {
+	lu.mu.Lock()
+	defer lu.mu.Unlock()
+	if lu.resv2 != nil && lu.resv2ID == n.ID {
+		lu.resv2 = nil
+		lu.resv2ID = 0
+	}
+	delete(lu.nexuses, n.ID)
+	lu.publishKnownLocked()
+	lu.recomputeGate()
+}
+
+// nexusID tolerates a nil nexus (tests, internal callers): all such commands share ID 0.
+func nexusOf(cmd *Command) *Nexus {
+	if cmd.Nexus != nil {
+		return cmd.Nexus
+	}
+	return &anonNexus
+}
+
+var anonNexus = Nexus{ID: 0, InitiatorName: "anonymous"}
+
+// execute is the LU entry point: CDB length check, unit attention and reservation gates, then
+// the command itself.
+func (lu *LU) execute(cmd *Command) Result {
+	cdb := cmd.CDB
+	info := &opTable[cdb[0]]
+	if info.handler == nil {
+		return invalidOpcode()
+	}
+	if len(cdb) < int(info.cdbLen) {
+		return invalidCDB(len(cdb), -1)
+	}
+	if lu.gate.Load() != 0 || !lu.knowsNexus(cmd) {
+		if r, stop := lu.gateCheck(cmd, info); stop {
+			return r
+		}
+	}
+	return info.handler(lu, cmd)
+}
+
+// knownNexus caches whether a nexus has state here; new nexuses take the slow path once so
+// they get registered for unit attentions.
+func (lu *LU) knowsNexus(cmd *Command) bool {
+	m := lu.known.Load()
+	if m == nil {
+		return false
+	}
+	_, ok := (*m)[nexusOf(cmd).ID]
+	return ok
+}
+
+// gateCheck reports a pending unit attention or a reservation conflict for cmd.
+func (lu *LU) gateCheck(cmd *Command, info *opInfo) (Result, bool) {
+	n := nexusOf(cmd)
+	lu.mu.RLock()
+	if ns := lu.nexuses[n.ID]; ns != nil && (len(ns.ua) == 0 || info.flags&fNoUA != 0) {
+		// Known nexus with no unit attention to consume: a read-only check.
+		conflict := lu.reservationConflictLocked(n, ns, info, cmd.CDB)
+		lu.mu.RUnlock()
+		if conflict {
+			return reservationConflict(), true
+		}
+		return Result{}, false
+	}
+	lu.mu.RUnlock()
+	lu.mu.Lock()
+	defer lu.mu.Unlock()
+	ns := lu.nexusStateLocked(n)
+	if len(ns.ua) > 0 && info.flags&fNoUA == 0 {
+		code := ns.ua[0]
+		ns.ua = ns.ua[1:]
+		lu.recomputeGate()
+		return checkCond(keyUnitAttention, code), true
+	}
+	if lu.reservationConflictLocked(n, ns, info, cmd.CDB) {
+		return reservationConflict(), true
+	}
+	return Result{}, false
+}
+
+// reservationConflictLocked applies the SPC-2 and persistent reservation rules; mu must be
+// held (shared is enough).
+func (lu *LU) reservationConflictLocked(n *Nexus, ns *nexusState, info *opInfo, cdb []byte) bool {
+	if lu.resv2 != nil && lu.resv2ID != n.ID && info.flags&fSPC2OK == 0 {
+		return true
+	}
+	return lu.pr.conflicts(ns.port, info.flags, cdb)
+}
+
+func be16(b []byte) uint16     { return binary.BigEndian.Uint16(b) }
+func be32(b []byte) uint32     { return binary.BigEndian.Uint32(b) }
+func be64(b []byte) uint64     { return binary.BigEndian.Uint64(b) }
+func put16(b []byte, v uint16) { binary.BigEndian.PutUint16(b, v) }
+func put32(b []byte, v uint32) { binary.BigEndian.PutUint32(b, v) }
+func put64(b []byte, v uint64) { binary.BigEndian.PutUint64(b, v) }
