@@ -1,0 +1,500 @@
+// Package conf reads and validates the nstarget TOML configuration: the server section, the
+// tenants, their targets and LUNs. Every error names the file, the line and the key.
+//
+// It owns: the file format (keys, defaults, units), validation of names, sizes and addresses,
+// and mapping each finding to a file:line.
+//
+// It must never: touch the volume pool or the network (the shrink check goes through a function
+// the caller passes; volume names are checked with backend.ValidName, a pure function), or
+// silently ignore a key it does not know.
+package conf
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/BurntSushi/toml"
+
+	"nstarget/backend"
+)
+
+// Defaults of the [server] and [[tenant]] sections.
+const (
+	DefaultNetnsDir = "/run/netns"
+	DefaultDataDir  = "/var/lib/nstarget"
+	DefaultPortal   = "0.0.0.0:3260"
+	// MaxLUN is the largest LUN number the flat addressing method can carry (SAM-5).
+	MaxLUN = 16383
+)
+
+// Config is a validated configuration.
+type Config struct {
+	File    string // path it was read from, for messages
+	Server  Server
+	Tenants []*Tenant
+}
+
+// Server is the [server] section.
+type Server struct {
+	NetnsDir string // absolute; where tenant namespaces appear
+	DataDir  string // absolute; the shared volume pool (relative paths are relative to the file)
+	// DataDirLine is the line of data_dir (0: defaulted), for errors about the pool itself.
+	DataDirLine int
+}
+
+// Tenant is one [[tenant]].
+type Tenant struct {
+	Name    string
+	Netns   string // file name under NetnsDir; default Name
+	Portal  string // ip:port inside the namespace; default DefaultPortal
+	Targets []*Target
+	Line    int
+}
+
+// Target is one [[tenant.target]].
+type Target struct {
+	IQN        string
+	Alias      string
+	Initiators []string // empty: any initiator of the tenant
+	LUNs       []*LUN
+	Line       int
+}
+
+// LUN is one [[tenant.target.lun]].
+type LUN struct {
+	ID       uint64
+	Volume   string
+	Size     int64 // bytes, a positive multiple of 512
+	ReadOnly bool
+	// WriteCache reports a volatile write cache to the initiator and relies on its flushes
+	// (SYNCHRONIZE CACHE, FUA); false syncs every write before completing it. Default true.
+	WriteCache bool
+	Line       int // of the [[tenant.target.lun]] header
+	sizeKey    string
+	sizeLine   int
+}
+
+// Error is one finding, located in the file.
+type Error struct {
+	File string
+	Line int    // 0 when unknown
+	Key  string // indexed key path, e.g. tenant[1].target[0].iqn
+	Msg  string
+	Err  error // the underlying cause, if any
+}
+
+func (e *Error) Error() string {
+	loc := e.File
+	if e.Line > 0 {
+		loc += ":" + strconv.Itoa(e.Line)
+	}
+	if e.Key != "" {
+		return loc + ": " + e.Key + ": " + e.Msg
+	}
+	return loc + ": " + e.Msg
+}
+
+func (e *Error) Unwrap() error { return e.Err }
+
+// Errors is every finding of one validation, in file order.
+type Errors []*Error
+
+func (es Errors) Error() string {
+	s := make([]string, len(es))
+	for i, e := range es {
+		s[i] = e.Error()
+	}
+	return strings.Join(s, "\n")
+}
+
+// Unwrap lets errors.Is/As see each finding.
+func (es Errors) Unwrap() []error {
+	out := make([]error, len(es))
+	for i, e := range es {
+		out[i] = e
+	}
+	return out
+}
+
+// Load reads and validates a configuration file. It touches nothing but the file.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	return Parse(path, data)
+}
+
+// Parse validates a configuration held in memory; file names it in messages and anchors
+// relative paths (its directory).
+func Parse(file string, data []byte) (*Config, error) {
+	var raw map[string]any
+	if _, err := toml.Decode(string(data), &raw); err != nil {
+		var pe toml.ParseError
+		if errors.As(err, &pe) {
+			return nil, Errors{{File: file, Line: pe.Position.Line, Key: pe.LastKey, Msg: "syntax: " + pe.Message, Err: err}}
+		}
+		return nil, Errors{{File: file, Msg: err.Error(), Err: err}}
+	}
+	v := &validator{file: file, pos: scanPositions(string(data))}
+	cfg := v.config(raw)
+	v.crossCheck(cfg)
+	if len(v.errs) > 0 {
+		sort.SliceStable(v.errs, func(i, j int) bool { return v.errs[i].Line < v.errs[j].Line })
+		return nil, v.errs
+	}
+	return cfg, nil
+}
+
+// DataDirError locates a failure of the pool directory itself (cannot be created, not a
+// directory) at the data_dir key, or at the file when data_dir was defaulted.
+func (c *Config) DataDirError(err error) error {
+	return Errors{{File: c.File, Line: c.Server.DataDirLine, Key: "server.data_dir", Msg: err.Error(), Err: err}}
+}
+
+// CheckVolumes runs check (normally backend.Pool.Check) on every LUN's volume and reports
+// failures at the LUN's size key: an existing volume larger than the configured size.
+func (c *Config) CheckVolumes(check func(name string, size int64) error) error {
+	var errs Errors
+	for _, t := range c.Tenants {
+		for _, tg := range t.Targets {
+			for _, l := range tg.LUNs {
+				if err := check(l.Volume, l.Size); err != nil {
+					errs = append(errs, &Error{File: c.File, Line: l.sizeLine, Key: l.sizeKey,
+						Msg: err.Error(), Err: err})
+				}
+			}
+		}
+	}
+	if len(errs) > 0 {
+		return errs
+	}
+	return nil
+}
+
+type validator struct {
+	file string
+	pos  positions
+	errs Errors
+}
+
+func (v *validator) errorf(key string, format string, args ...any) {
+	v.errs = append(v.errs, &Error{File: v.file, Line: v.pos.line(key), Key: key, Msg: fmt.Sprintf(format, args...)})
+}
+
+// table is one TOML table being read: every key read is marked, the rest are unknown.
+type table struct {
+	v    *validator
+	path string
+	m    map[string]any
+	used map[string]bool
+}
+
+func (v *validator) table(path string, m map[string]any) *table {
+	return &table{v: v, path: path, m: m, used: map[string]bool{}}
+}
+
+func (t *table) key(k string) string {
+	if t.path == "" {
+		return k
+	}
+	return t.path + "." + k
+}
+
+func (t *table) get(k string) (any, bool) {
+	t.used[k] = true
+	x, ok := t.m[k]
+	return x, ok
+}
+
+func (t *table) str(k, def string, required bool) string {
+	x, ok := t.get(k)
+	if !ok {
+		if required {
+			t.v.errorf(t.path, "missing required key %q", k)
+		}
+		return def
+	}
+	s, ok := x.(string)
+	if !ok {
+		t.v.errorf(t.key(k), "must be a string, not %s", tomlType(x))
+		return def
+	}
+	return s
+}
+
+func (t *table) boolean(k string, def bool) bool {
+	x, ok := t.get(k)
+	if !ok {
+		return def
+	}
+	b, ok := x.(bool)
+	if !ok {
+		t.v.errorf(t.key(k), "must be true or false, not %s", tomlType(x))
+		return def
+	}
+	return b
+}
+
+func (t *table) strings(k string) []string {
+	x, ok := t.get(k)
+	if !ok {
+		return nil
+	}
+	arr, ok := x.([]any)
+	if !ok {
+		t.v.errorf(t.key(k), "must be an array of strings, not %s", tomlType(x))
+		return nil
+	}
+	out := make([]string, 0, len(arr))
+	for i, e := range arr {
+		s, ok := e.(string)
+		if !ok {
+			t.v.errorf(t.key(k), "element %d must be a string, not %s", i, tomlType(e))
+			continue
+		}
+		out = append(out, s)
+	}
+	return out
+}
+
+// tables returns an array of tables (either [[k]] sections or an inline array of tables).
+func (t *table) tables(k string) []*table {
+	x, ok := t.get(k)
+	if !ok {
+		return nil
+	}
+	var ms []map[string]any
+	switch a := x.(type) {
+	case []map[string]any:
+		ms = a
+	case []any:
+		for i, e := range a {
+			m, ok := e.(map[string]any)
+			if !ok {
+				t.v.errorf(t.key(k), "element %d must be a table, not %s", i, tomlType(e))
+				continue
+			}
+			ms = append(ms, m)
+		}
+	default:
+		t.v.errorf(t.key(k), "must be an array of tables ([[%s]]), not %s", t.key(k), tomlType(x))
+		return nil
+	}
+	out := make([]*table, len(ms))
+	for i, m := range ms {
+		out[i] = t.v.table(fmt.Sprintf("%s[%d]", t.key(k), i), m)
+	}
+	return out
+}
+
+// done reports every key of the table that was not read.
+func (t *table) done() {
+	var unknown []string
+	for k := range t.m {
+		if !t.used[k] {
+			unknown = append(unknown, k)
+		}
+	}
+	sort.Strings(unknown)
+	for _, k := range unknown {
+		t.v.errorf(t.key(k), "unknown key")
+	}
+}
+
+func tomlType(x any) string {
+	switch x.(type) {
+	case string:
+		return "a string"
+	case int64:
+		return "an integer"
+	case float64:
+		return "a float"
+	case bool:
+		return "a boolean"
+	case []any, []map[string]any:
+		return "an array"
+	case map[string]any:
+		return "a table"
+	}
+	return fmt.Sprintf("a %T", x)
+}
+
+func (v *validator) config(raw map[string]any) *Config {
+	root := v.table("", raw)
+	cfg := &Config{File: v.file, Server: Server{NetnsDir: DefaultNetnsDir, DataDir: DefaultDataDir}}
+	if x, ok := root.get("server"); ok {
+		m, ok := x.(map[string]any)
+		if !ok {
+			v.errorf("server", "must be a table ([server]), not %s", tomlType(x))
+		} else {
+			st := v.table("server", m)
+			cfg.Server.NetnsDir = v.dir(st, "netns_dir", DefaultNetnsDir)
+			cfg.Server.DataDir = v.dir(st, "data_dir", DefaultDataDir)
+			cfg.Server.DataDirLine = v.pos.line("server.data_dir")
+			st.done()
+		}
+	}
+	for _, tt := range root.tables("tenant") {
+		cfg.Tenants = append(cfg.Tenants, v.tenant(tt))
+	}
+	root.done()
+	return cfg
+}
+
+func (v *validator) dir(t *table, k, def string) string {
+	d := t.str(k, def, false)
+	if d == "" {
+		v.errorf(t.key(k), "must not be empty")
+		return def
+	}
+	if !filepath.IsAbs(d) {
+		d = filepath.Join(filepath.Dir(v.file), d)
+		if abs, err := filepath.Abs(d); err == nil {
+			d = abs
+		}
+	}
+	return filepath.Clean(d)
+}
+
+func (v *validator) tenant(t *table) *Tenant {
+	tn := &Tenant{Line: v.pos.line(t.path)}
+	tn.Name = t.str("name", "", true)
+	if _, set := t.m["name"]; set {
+		if err := checkFileName("tenant name", tn.Name); err != nil {
+			v.errorf(t.key("name"), "%v", err)
+		}
+	}
+	tn.Netns = t.str("netns", tn.Name, false)
+	if _, set := t.m["netns"]; set {
+		if err := checkFileName("netns", tn.Netns); err != nil {
+			v.errorf(t.key("netns"), "%v", err)
+		}
+	}
+	tn.Portal = t.str("portal", DefaultPortal, false)
+	if err := CheckPortal(tn.Portal); err != nil {
+		v.errorf(t.key("portal"), "%v", err)
+	}
+	for _, tgt := range t.tables("target") {
+		tn.Targets = append(tn.Targets, v.target(tgt))
+	}
+	t.done()
+	return tn
+}
+
+func (v *validator) target(t *table) *Target {
+	tg := &Target{Line: v.pos.line(t.path)}
+	tg.IQN = t.str("iqn", "", true)
+	if _, set := t.m["iqn"]; set {
+		if err := CheckISCSIName(tg.IQN); err != nil {
+			v.errorf(t.key("iqn"), "%v", err)
+		}
+	}
+	tg.Alias = t.str("alias", "", false)
+	tg.Initiators = t.strings("initiators")
+	seen := map[string]bool{}
+	for _, in := range tg.Initiators {
+		if err := CheckISCSIName(in); err != nil {
+			v.errorf(t.key("initiators"), "initiator %v", err)
+		} else if seen[in] {
+			v.errorf(t.key("initiators"), "initiator %q listed twice", in)
+		}
+		seen[in] = true
+	}
+	for i, lt := range t.tables("lun") {
+		tg.LUNs = append(tg.LUNs, v.lun(lt, i))
+	}
+	t.done()
+	return tg
+}
+
+func (v *validator) lun(t *table, position int) *LUN {
+	l := &LUN{ID: uint64(position), Line: v.pos.line(t.path), sizeKey: t.key("size")}
+	if x, ok := t.get("id"); ok {
+		n, ok := x.(int64)
+		switch {
+		case !ok:
+			v.errorf(t.key("id"), "must be an integer, not %s", tomlType(x))
+		case n < 0 || n > MaxLUN:
+			v.errorf(t.key("id"), "LUN %d is outside 0..%d", n, MaxLUN)
+		default:
+			l.ID = uint64(n)
+		}
+	}
+	l.Volume = t.str("volume", "", true)
+	if _, set := t.m["volume"]; set {
+		if err := backend.ValidName(l.Volume); err != nil {
+			v.errorf(t.key("volume"), "%v", err)
+		}
+	}
+	if x, ok := t.get("size"); !ok {
+		v.errorf(t.path, "missing required key %q", "size")
+	} else {
+		var err error
+		switch s := x.(type) {
+		case string:
+			l.Size, err = ParseSize(s)
+		case int64:
+			l.Size, err = checkSize(strconv.FormatInt(s, 10), s)
+		default:
+			err = fmt.Errorf("must be a size string like \"1GiB\" or a byte count, not %s", tomlType(x))
+		}
+		if err != nil {
+			v.errorf(t.key("size"), "%v", err)
+		}
+	}
+	l.sizeLine = v.pos.line(l.sizeKey)
+	l.ReadOnly = t.boolean("read_only", false)
+	l.WriteCache = t.boolean("write_cache", true)
+	t.done()
+	return l
+}
+
+// crossCheck finds what no single table can see: duplicates.
+func (v *validator) crossCheck(cfg *Config) {
+	type first struct {
+		key  string
+		line int
+	}
+	names, netns, volumes := map[string]first{}, map[string]first{}, map[string]first{}
+	dup := func(seen map[string]first, what, val, key string) {
+		if val == "" {
+			return
+		}
+		if f, ok := seen[val]; ok {
+			v.errorf(key, "duplicate %s %q (first used at line %d, %s)", what, val, f.line, f.key)
+			return
+		}
+		seen[val] = first{key, v.pos.line(key)}
+	}
+	for i, tn := range cfg.Tenants {
+		tp := fmt.Sprintf("tenant[%d]", i)
+		dup(names, "tenant name", tn.Name, tp+".name")
+		nk := tp + ".netns"
+		if _, ok := v.pos[nk]; !ok {
+			nk = tp + ".name" // netns defaulted to the name
+		}
+		dup(netns, "netns", tn.Netns, nk)
+		iqns := map[string]first{}
+		for j, tg := range tn.Targets {
+			gp := fmt.Sprintf("%s.target[%d]", tp, j)
+			// The same IQN in two tenants is two targets; twice in one tenant is ambiguous.
+			dup(iqns, "target iqn in this tenant", tg.IQN, gp+".iqn")
+			ids := map[string]first{}
+			for k, l := range tg.LUNs {
+				lp := fmt.Sprintf("%s.lun[%d]", gp, k)
+				idKey := lp + ".id"
+				if _, ok := v.pos[idKey]; !ok {
+					idKey = lp
+				}
+				dup(ids, "LUN id in this target", strconv.FormatUint(l.ID, 10), idKey)
+				dup(volumes, "volume", l.Volume, lp+".volume")
+			}
+		}
+	}
+}
