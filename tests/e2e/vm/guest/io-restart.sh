@@ -1,0 +1,54 @@
+# Test script: log in, make ext4, keep writing fsynced files while the host restarts the target
+# (it acts on E2E-IO-RUNNING). The kernel must see the connection fail and open-iscsi must log in
+# again within the replacement timeout; the writes block meanwhile but none fails. Afterwards the
+# file system is clean and every file intact.
+iscsid_start
+discover
+login
+wait_disk /dev/sda
+mkfs.ext4 -q -F -E nodiscard /dev/sda
+mount -t ext4 /dev/sda /mnt
+writer /mnt &
+wpid=$!
+wait_count 3
+port0=$(conn_port) # before the host acts on the marker
+[ -n "$port0" ] || fail "no local port for the iSCSI connection in sysfs"
+echo "E2E-IO-RUNNING"
+t0=$(cut -d. -f1 /proc/uptime)
+seen=""
+disrupted=""
+recovered=""
+while :; do
+	[ -e /tmp/werr ] && fail "writer failed"
+	st=$(session_state)
+	[ "$st" = "$seen" ] || { echo "E2E-SESSION $st at $(cut -d' ' -f1 /proc/uptime) after $(count) files"; seen=$st; }
+	# The restart shows as a failed session, a connection error, or a new connection.
+	if [ -z "$disrupted" ]; then
+		if [ "$st" != LOGGED_IN ] || [ "$(conn_errors)" -gt 0 ] || [ "$(conn_port)" != "$port0" ]; then
+			disrupted=$(count)
+			echo "E2E-DISRUPTED after $disrupted files (state $st, $(conn_errors) conn errors, port $port0 -> $(conn_port))"
+		fi
+	fi
+	# Recovered: logged in on a connection with a new local port (empty while it is down).
+	port=$(conn_port)
+	if [ -n "$disrupted" ] && [ -z "$recovered" ] && [ -n "$port" ] && [ "$(session_state)" = LOGGED_IN ] && [ "$port" != "$port0" ]; then
+		recovered=$(count)
+		echo "E2E-RECOVERED after $recovered files on a new connection (port $port)"
+	fi
+	# Three more files after recovery show the session carries I/O again.
+	[ -n "$recovered" ] && [ "$(count)" -ge $((recovered + 3)) ] && break
+	[ $(($(cut -d. -f1 /proc/uptime) - t0)) -gt ${E2E_MAX_SECONDS:-90} ] && fail "no recovery seen within ${E2E_MAX_SECONDS:-90}s (state $st, $(conn_errors) conn errors)"
+	sleep 0.2
+done
+touch /tmp/stop
+wait $wpid || fail "writer failed"
+echo "E2E-IO-DONE $(count) files"
+(cd /mnt && sha256sum -c -s /tmp/sums) || fail "checksums differ after recovery"
+umount /mnt
+fsck_clean /dev/sda
+mount -t ext4 -o ro /dev/sda /mnt
+(cd /mnt && sha256sum -c -s /tmp/sums) || fail "checksums differ after remount"
+umount /mnt
+logout
+no_io_errors
+echo "E2E-VERIFIED $(count) files"

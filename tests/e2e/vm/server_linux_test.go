@@ -1,0 +1,315 @@
+package vm_test
+
+import (
+	"bytes"
+	"fmt"
+	"io/fs"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// tenantSpec is one tenant of the configuration the tests serve.
+type tenantSpec struct {
+	name    string
+	ns      string
+	targets []targetSpec
+}
+
+type targetSpec struct {
+	iqn        string
+	initiators []string // allow-list; empty = any
+	luns       []lunSpec
+}
+
+type lunSpec struct {
+	id     int
+	volume string
+	size   int64 // bytes
+}
+
+// server is the iSCSI target under test, serving every tenant of a configuration.
+type server interface {
+	// start starts the server and waits until every tenant's portal accepts connections.
+	start(t *testing.T)
+	// stop sends SIGTERM and waits for the exit.
+	stop(t *testing.T)
+	// recreated tells the server that the tenant's namespace was deleted and made again. nstarget
+	// must notice that by itself (it watches netns_dir); only a bring-up peer needs help.
+	recreated(t *testing.T, tenant string)
+	// volumePath is the file that holds a volume's bytes.
+	volumePath(t *testing.T, volume string) string
+	name() string
+}
+
+// newServer picks the target under test.
+//
+// THE SWITCH: nstarget (the product) unless NSTARGET_E2E_PEER=tgtd, which runs Debian's tgtd —
+// one per tenant namespace, configured with tgtadm — with the same tenants. tgtd exists only to
+// bring up and debug the guest side; what `make test` runs is nstarget.
+func newServer(t *testing.T, s *suite, tenants []tenantSpec) server {
+	t.Helper()
+	if os.Getenv("NSTARGET_E2E_PEER") == "tgtd" {
+		return newTgtd(t, tenants)
+	}
+	return newNstarget(t, s, tenants)
+}
+
+// --- nstarget -----------------------------------------------------------------------------
+
+type nstargetServer struct {
+	bin, cfg, dataDir, logPath string
+	tenants                    []tenantSpec
+	proc                       *proc
+	starts                     int
+}
+
+// newNstarget writes the operator's config file: a temporary data_dir, the namespaces in
+// /run/netns where `ip netns add` puts them.
+func newNstarget(t *testing.T, s *suite, tenants []tenantSpec) *nstargetServer {
+	dir := t.TempDir()
+	n := &nstargetServer{bin: s.bin, cfg: filepath.Join(dir, "nstarget.toml"),
+		dataDir: filepath.Join(dir, "data"), logPath: filepath.Join(dir, "nstarget.log"), tenants: tenants}
+	var b strings.Builder
+	fmt.Fprintf(&b, "[server]\nnetns_dir = %q\ndata_dir  = %q\n", "/run/netns", n.dataDir)
+	for _, tn := range tenants {
+		fmt.Fprintf(&b, "\n[[tenant]]\nname   = %q\nnetns  = %q\nportal = %q\n", tn.name, tn.ns, "0.0.0.0:3260")
+		for _, tg := range tn.targets {
+			fmt.Fprintf(&b, "\n  [[tenant.target]]\n  iqn = %q\n", tg.iqn)
+			if len(tg.initiators) > 0 {
+				q := make([]string, len(tg.initiators))
+				for i, in := range tg.initiators {
+					q[i] = strconv.Quote(in)
+				}
+				fmt.Fprintf(&b, "  initiators = [%s]\n", strings.Join(q, ", "))
+			}
+			for _, l := range tg.luns {
+				fmt.Fprintf(&b, "\n    [[tenant.target.lun]]\n    id     = %d\n    volume = %q\n    size   = \"%dMiB\"\n",
+					l.id, l.volume, l.size>>20)
+			}
+		}
+	}
+	if err := os.WriteFile(n.cfg, []byte(b.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if n.proc != nil {
+			n.proc.stop(15 * time.Second)
+		}
+		logs, _ := os.ReadFile(n.logPath)
+		if bytes.Contains(logs, []byte("WARNING: DATA RACE")) {
+			t.Errorf("nstarget reported a data race:\n%s", logs)
+		} else if t.Failed() || os.Getenv("NSTARGET_E2E_LOGS") != "" {
+			t.Logf("config %s:\n%s\nnstarget log:\n%s", n.cfg, b.String(), tail(logs, 200))
+		}
+	})
+	return n
+}
+
+func (n *nstargetServer) name() string { return "nstarget" }
+
+func (n *nstargetServer) start(t *testing.T) {
+	t.Helper()
+	logf, err := os.OpenFile(n.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	n.starts++
+	fmt.Fprintf(logf, "=== start %d: %s serve -c %s\n", n.starts, n.bin, n.cfg)
+	cmd := exec.Command(n.bin, "serve", "-c", n.cfg)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Env = append(os.Environ(), "GORACE=halt_on_error=0")
+	p, err := startProc(cmd, "nstarget")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.proc = p
+	for _, tn := range n.tenants {
+		if err := waitPortal(tn.ns, 20*time.Second); err != nil {
+			logs, _ := os.ReadFile(n.logPath)
+			if p.exited() {
+				t.Fatalf("nstarget serve exited (%v):\n%s", p.err, tail(logs, 50))
+			}
+			t.Fatalf("%v\nnstarget log:\n%s", err, tail(logs, 50))
+		}
+	}
+}
+
+func (n *nstargetServer) stop(t *testing.T) {
+	t.Helper()
+	if n.proc == nil {
+		return
+	}
+	if n.proc.stop(15 * time.Second) {
+		t.Errorf("nstarget did not exit within 15s of SIGTERM (killed)")
+	} else if n.proc.err != nil {
+		logs, _ := os.ReadFile(n.logPath)
+		t.Errorf("nstarget exited with %v after SIGTERM:\n%s", n.proc.err, tail(logs, 30))
+	}
+	n.proc = nil
+}
+
+func (n *nstargetServer) recreated(*testing.T, string) {}
+
+// volumePath finds the volume's file in data_dir; the pool's layout inside it is the backend's
+// business, so search for a regular file named after the volume.
+func (n *nstargetServer) volumePath(t *testing.T, volume string) string {
+	t.Helper()
+	var found []string
+	_ = filepath.WalkDir(n.dataDir, func(p string, d fs.DirEntry, err error) error {
+		if err == nil && d.Type().IsRegular() {
+			base := d.Name()
+			if base == volume || strings.HasPrefix(base, volume+".") {
+				found = append(found, p)
+			}
+		}
+		return nil
+	})
+	if len(found) != 1 {
+		t.Fatalf("volume %q: want one file in %s, found %v", volume, n.dataDir, found)
+	}
+	return found[0]
+}
+
+// --- tgtd (bring-up peer) -----------------------------------------------------------------
+
+type tgtdServer struct {
+	dataDir string
+	tenants []tenantSpec
+	mu      sync.Mutex
+	procs   map[string]*proc // by tenant
+}
+
+func newTgtd(t *testing.T, tenants []tenantSpec) *tgtdServer {
+	if _, err := lookPath("tgtd"); err != nil {
+		t.Fatal("tgtd not found: apt-get install tgt")
+	}
+	g := &tgtdServer{dataDir: t.TempDir(), tenants: tenants, procs: map[string]*proc{}}
+	for _, tn := range tenants {
+		for _, tg := range tn.targets {
+			for _, l := range tg.luns {
+				f, err := os.OpenFile(filepath.Join(g.dataDir, l.volume), os.O_CREATE|os.O_RDWR, 0o644)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := f.Truncate(l.size); err != nil {
+					t.Fatal(err)
+				}
+				f.Close()
+			}
+		}
+	}
+	t.Cleanup(func() {
+		g.mu.Lock()
+		defer g.mu.Unlock()
+		for _, p := range g.procs {
+			p.kill()
+		}
+	})
+	return g
+}
+
+func (g *tgtdServer) name() string { return "tgtd" }
+
+func (g *tgtdServer) start(t *testing.T) {
+	t.Helper()
+	for _, tn := range g.tenants {
+		g.startTenant(t, tn)
+	}
+}
+
+func (g *tgtdServer) startTenant(t *testing.T, tn tenantSpec) {
+	t.Helper()
+	// Control sockets live in the file system, shared by all namespaces, and a stopped tgtd may
+	// leave its socket behind: a fresh index for every start.
+	ctl := strconv.Itoa(1000 + rand.IntN(31000)) // tgtd accepts 0..32767
+	cmd := exec.Command("ip", "netns", "exec", tn.ns, "tgtd", "-f", "-C", ctl)
+	p, err := startProc(cmd, "tgtd "+tn.name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.mu.Lock()
+	g.procs[tn.name] = p
+	g.mu.Unlock()
+	adm := func(args ...string) error {
+		out, err := exec.Command("tgtadm", append([]string{"-C", ctl, "--lld", "iscsi"}, args...)...).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("tgtadm %v: %w: %s", args, err, out)
+		}
+		return nil
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for adm("--op", "show", "--mode", "system") != nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("tgtd for %s did not come up", tn.name)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	for i, tg := range tn.targets {
+		tid := strconv.Itoa(i + 1)
+		must := func(err error) {
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		must(adm("--op", "new", "--mode", "target", "--tid", tid, "-T", tg.iqn))
+		for _, l := range tg.luns {
+			// tgtd keeps LUN 0 for its controller: disks start at 1.
+			must(adm("--op", "new", "--mode", "logicalunit", "--tid", tid, "--lun", strconv.Itoa(l.id+1),
+				"-b", filepath.Join(g.dataDir, l.volume)))
+		}
+		if len(tg.initiators) == 0 {
+			must(adm("--op", "bind", "--mode", "target", "--tid", tid, "-I", "ALL"))
+		}
+		for _, in := range tg.initiators {
+			must(adm("--op", "bind", "--mode", "target", "--tid", tid, "--initiator-name", in))
+		}
+	}
+	if err := waitPortal(tn.ns, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (g *tgtdServer) stop(t *testing.T) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for name, p := range g.procs {
+		p.kill() // tgtd ignores SIGTERM (tgtadm stops it cleanly; a restart test wants it gone)
+		delete(g.procs, name)
+	}
+}
+
+// recreated starts a new tgtd in the new namespace; the old one keeps the deleted namespace alive
+// until it is stopped.
+func (g *tgtdServer) recreated(t *testing.T, tenant string) {
+	t.Helper()
+	for _, tn := range g.tenants {
+		if tn.name == tenant {
+			g.mu.Lock()
+			if p := g.procs[tenant]; p != nil {
+				p.kill()
+			}
+			g.mu.Unlock()
+			g.startTenant(t, tn)
+		}
+	}
+}
+
+func (g *tgtdServer) volumePath(_ *testing.T, volume string) string {
+	return filepath.Join(g.dataDir, volume)
+}
+
+func tail(b []byte, n int) string {
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
