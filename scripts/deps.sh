@@ -6,7 +6,7 @@ declare -A need=(
   [iscsi-test-cu]=libiscsi-bin [iscsi-ls]=libiscsi-bin [iscsi-perf]=libiscsi-bin
   [tgtd]=tgt [qemu-io]=qemu-utils [qemu-system-x86_64]=qemu-system-x86
   [iscsiadm]=open-iscsi [busybox]=busybox-static [mke2fs]=e2fsprogs [modinfo]=kmod
-  [cpio]=cpio [xz]=xz-utils [ip]=iproute2 [ps]=procps [iperf3]=iperf3
+  [cpio]=cpio [xz]=xz-utils [ip]=iproute2 [ps]=procps [iperf3]=iperf3 [curl]=curl
 )
 missing=()
 for cmd in "${!need[@]}"; do

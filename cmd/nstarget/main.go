@@ -1,13 +1,268 @@
 // Command nstarget serves iSCSI block storage to many tenants, each in its own network
 // namespace, from one process.
+//
+// It owns: the command line (serve, check, demo, example, version), wiring conf → backend →
+// target/scsi → target → netnsmux, signal handling and logging setup.
+//
+// It must never: hold protocol logic of its own, or serve a connection to any tenant but the
+// one whose namespace it arrived in.
+//
+// The main goroutine stays on the process's first OS thread, which never enters a tenant
+// namespace: importing netnsmux locks it there (golang/go#53210, netns-findings.md).
 package main
 
 import (
+	"context"
+	_ "embed"
+	"errors"
+	"flag"
 	"fmt"
+	"io"
+	"log/slog"
 	"os"
+	"os/signal"
+	"runtime/debug"
+	"strings"
+	"syscall"
+
+	"nstarget/conf"
 )
 
+// Exit codes.
+const (
+	exitOK    = 0
+	exitFail  = 1 // invalid configuration or a runtime failure
+	exitUsage = 2 // bad command line
+)
+
+//go:embed example.toml
+var exampleConfig string
+
+const usageText = `usage: nstarget <command> [flags]
+
+commands:
+  serve   -c FILE [-pprof 127.0.0.1:6060]
+                    serve every tenant of FILE until SIGINT/SIGTERM; -pprof serves Go's
+                    profiler (unauthenticated: keep it on loopback) in the root namespace
+  check   -c FILE   validate FILE (and the volumes it names) without serving; exit 1 if invalid
+  demo    [-exit]   three tenants with identical addresses and IQNs, real initiators, one process
+  example           print an annotated configuration file
+  version           print the build version
+
+common flags of serve and demo:
+  -log-level debug|info|warn|error   (default info; demo: warn)
+  -log-format text|json              (default text)
+
+exit codes: 0 success (also after SIGINT/SIGTERM), 1 invalid config or failure, 2 usage error
+`
+
+type usageError struct{ msg string }
+
+func (e usageError) Error() string { return e.msg }
+
 func main() {
-	fmt.Fprintln(os.Stderr, "nstarget: not implemented yet")
-	os.Exit(2)
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, "nstarget: missing command\n"+usageText)
+		return exitUsage
+	}
+	cmd, rest := args[0], args[1:]
+	var err error
+	switch cmd {
+	case "serve":
+		err = cmdServe(rest, stderr)
+	case "check":
+		err = cmdCheck(rest, stdout)
+	case "demo":
+		err = cmdDemo(rest, stdout, stderr)
+	case "example":
+		err = noArgs("example", rest)
+		if err == nil {
+			fmt.Fprint(stdout, exampleConfig)
+		}
+	case "version":
+		err = noArgs("version", rest)
+		if err == nil {
+			fmt.Fprintln(stdout, version())
+		}
+	case "help", "-h", "-help", "--help":
+		fmt.Fprint(stdout, usageText)
+		return exitOK
+	default:
+		fmt.Fprintf(stderr, "nstarget: unknown command %q\n%s", cmd, usageText)
+		return exitUsage
+	}
+	var ue usageError
+	switch {
+	case err == nil:
+		return exitOK
+	case errors.As(err, &ue):
+		fmt.Fprintf(stderr, "nstarget %s: %s\nrun 'nstarget help' for usage\n", cmd, ue.msg)
+		return exitUsage
+	default:
+		fmt.Fprintf(stderr, "nstarget %s: %v\n", cmd, err)
+		return exitFail
+	}
+}
+
+func noArgs(cmd string, args []string) error {
+	if len(args) > 0 {
+		return usageError{fmt.Sprintf("unexpected argument %q", args[0])}
+	}
+	return nil
+}
+
+// parseFlags parses fs quietly and turns its complaints into usage errors that name the
+// argument.
+func parseFlags(fs *flag.FlagSet, args []string) error {
+	fs.SetOutput(io.Discard)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return usageError{"help requested"}
+		}
+		return usageError{err.Error()}
+	}
+	if fs.NArg() > 0 {
+		return usageError{fmt.Sprintf("unexpected argument %q", fs.Arg(0))}
+	}
+	return nil
+}
+
+type logFlags struct{ level, format string }
+
+func (l *logFlags) register(fs *flag.FlagSet, level string) {
+	fs.StringVar(&l.level, "log-level", level, "debug|info|warn|error")
+	fs.StringVar(&l.format, "log-format", "text", "text|json")
+}
+
+func (l *logFlags) logger(w io.Writer) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(l.level)); err != nil {
+		return nil, usageError{fmt.Sprintf("bad -log-level %q (debug, info, warn, error)", l.level)}
+	}
+	o := &slog.HandlerOptions{Level: lv}
+	switch l.format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, o)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, o)), nil
+	}
+	return nil, usageError{fmt.Sprintf("bad -log-format %q (text, json)", l.format)}
+}
+
+func configFlag(fs *flag.FlagSet) *string {
+	return fs.String("c", "", "configuration file")
+}
+
+func cmdCheck(args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("check", flag.ContinueOnError)
+	file := configFlag(fs)
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if *file == "" {
+		return usageError{"missing -c FILE"}
+	}
+	cfg, err := loadAndCheck(*file)
+	if err != nil {
+		return err
+	}
+	targets, luns := 0, 0
+	for _, t := range cfg.Tenants {
+		targets += len(t.Targets)
+		for _, tg := range t.Targets {
+			luns += len(tg.LUNs)
+		}
+	}
+	fmt.Fprintf(stdout, "%s: ok: %d tenants, %d targets, %d LUNs; pool %s; namespaces in %s\n",
+		*file, len(cfg.Tenants), targets, luns, cfg.Server.DataDir, cfg.Server.NetnsDir)
+	return nil
+}
+
+// loadAndCheck validates the file and every volume against the pool, creating nothing.
+func loadAndCheck(file string) (*conf.Config, error) {
+	cfg, err := conf.Load(file)
+	if err != nil {
+		return nil, indentErrors(err)
+	}
+	if err := checkPool(cfg); err != nil {
+		return nil, indentErrors(err)
+	}
+	return cfg, nil
+}
+
+// indentErrors puts each finding of a multi-error on its own line under the command's prefix.
+func indentErrors(err error) error {
+	var es conf.Errors
+	if errors.As(err, &es) && len(es) > 1 {
+		return fmt.Errorf("%d errors:\n  %s", len(es), strings.ReplaceAll(es.Error(), "\n", "\n  "))
+	}
+	return err
+}
+
+func cmdServe(args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	file := configFlag(fs)
+	pprofAddr := fs.String("pprof", "", "serve net/http/pprof on this ip:port in the root namespace")
+	var lf logFlags
+	lf.register(fs, "info")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if *file == "" {
+		return usageError{"missing -c FILE"}
+	}
+	log, err := lf.logger(stderr)
+	if err != nil {
+		return err
+	}
+	if *pprofAddr != "" {
+		ln, err := listenPprof(*pprofAddr)
+		if err != nil {
+			return err
+		}
+		defer ln.Close()
+		log.Info("pprof serving", "addr", ln.Addr().String())
+	}
+	cfg, err := loadAndCheck(*file)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	go func() {
+		// After the first signal a second one kills the process the default way.
+		<-ctx.Done()
+		stop()
+	}()
+	return serve(ctx, cfg, serveOptions{Logger: log})
+}
+
+func version() string {
+	v := "nstarget (devel)"
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return v
+	}
+	rev, dirty := "", ""
+	for _, s := range bi.Settings {
+		switch s.Key {
+		case "vcs.revision":
+			rev = s.Value
+		case "vcs.modified":
+			if s.Value == "true" {
+				dirty = "+dirty"
+			}
+		}
+	}
+	if bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		v = "nstarget " + bi.Main.Version
+	}
+	if rev != "" {
+		v += " " + rev + dirty
+	}
+	return v + " " + bi.GoVersion
 }

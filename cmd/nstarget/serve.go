@@ -1,0 +1,253 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"sync"
+	"time"
+
+	"nstarget/backend"
+	"nstarget/conf"
+	"nstarget/netnsmux"
+	"nstarget/target"
+	"nstarget/target/scsi"
+)
+
+type serveOptions struct {
+	Logger *slog.Logger
+	// OnEvent, if set, also receives every netnsmux event (after it was logged); it must not block.
+	OnEvent func(netnsmux.Event)
+	// ShutdownTimeout bounds how long sessions get to log out; default 10s.
+	ShutdownTimeout time.Duration
+}
+
+// checkPool runs the pool's shrink and name checks without creating anything: if data_dir does
+// not exist yet, no volume exists that could be shrunk.
+func checkPool(cfg *conf.Config) error {
+	if _, err := os.Stat(cfg.Server.DataDir); errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	pool, err := backend.OpenPool(cfg.Server.DataDir)
+	if err != nil {
+		return cfg.DataDirError(err)
+	}
+	defer pool.Close()
+	return cfg.CheckVolumes(pool.Check)
+}
+
+// tenantRun is what the accept loop needs to hand a connection to the target layer.
+type tenantRun struct {
+	cfg *conf.Tenant
+	t   *target.Tenant
+}
+
+// serve runs every tenant of cfg until ctx is done, then shuts down cleanly: listeners first,
+// then sessions (logout requests), then namespaces, then the pool (synced). cfg must have
+// passed loadAndCheck.
+func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error) {
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	if opts.ShutdownTimeout <= 0 {
+		opts.ShutdownTimeout = 10 * time.Second
+	}
+	pool, err := backend.OpenPool(cfg.Server.DataDir)
+	if err != nil {
+		return cfg.DataDirError(err)
+	}
+	defer func() {
+		if cerr := pool.Close(); cerr != nil && err == nil {
+			err = fmt.Errorf("close pool: %w", cerr)
+		}
+	}()
+	// Checked again now that the pool is ours: a volume may have changed since check.
+	if err := cfg.CheckVolumes(pool.Check); err != nil {
+		return err
+	}
+
+	srv := target.NewServer(target.Options{Logger: log})
+	byNetns := make(map[string]*tenantRun, len(cfg.Tenants))
+	for _, tn := range cfg.Tenants {
+		rt, err := buildTenant(pool, srv, tn)
+		if err != nil {
+			return err
+		}
+		byNetns[tn.Netns] = rt
+	}
+
+	tenantOf := func(ns string) string {
+		if rt := byNetns[ns]; rt != nil {
+			return rt.cfg.Name
+		}
+		return ""
+	}
+	mux, err := netnsmux.New(netnsmux.Options{
+		Dir:    cfg.Server.NetnsDir,
+		Logger: log,
+		OnEvent: func(ev netnsmux.Event) {
+			logEvent(log, tenantOf(ev.Namespace), ev)
+			if opts.OnEvent != nil {
+				opts.OnEvent(ev)
+			}
+		},
+	})
+	if err != nil {
+		return fmt.Errorf("netnsmux: %w", err)
+	}
+	for _, tn := range cfg.Tenants {
+		if err := mux.Listen(tn.Netns, tn.Portal); err != nil {
+			mux.Close()
+			return fmt.Errorf("tenant %s: listen %s in netns %s: %w", tn.Name, tn.Portal, tn.Netns, err)
+		}
+	}
+
+	// The mux outlives the accept loop so sessions can still log out after we stop accepting.
+	runCtx, stopRun := context.WithCancel(context.Background())
+	defer stopRun()
+	runDone := make(chan error, 1)
+	go func() { runDone <- mux.Run(runCtx) }()
+
+	acceptCtx, stopAccept := context.WithCancel(ctx)
+	defer stopAccept()
+	connCtx, stopConns := context.WithCancel(context.Background())
+	defer stopConns()
+	var conns sync.WaitGroup
+	acceptDone := make(chan struct{})
+	go func() {
+		defer close(acceptDone)
+		acceptLoop(acceptCtx, log, mux, srv, byNetns, connCtx, &conns)
+	}()
+	log.Info("serving", "tenants", len(cfg.Tenants), "data_dir", cfg.Server.DataDir, "netns_dir", cfg.Server.NetnsDir)
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down", "cause", context.Cause(ctx))
+	case runErr = <-runDone:
+		runDone <- runErr
+		log.Error("namespace multiplexer stopped", "err", runErr)
+	}
+	stopAccept()
+	<-acceptDone
+	for _, tn := range cfg.Tenants {
+		mux.Unlisten(tn.Netns, tn.Portal)
+	}
+	shCtx, cancel := context.WithTimeout(context.Background(), opts.ShutdownTimeout)
+	if err := srv.Shutdown(shCtx); err != nil {
+		log.Warn("sessions did not all log out in time", "err", err)
+	}
+	cancel()
+	stopConns()
+	conns.Wait()
+	if err := mux.Close(); err != nil {
+		log.Warn("close netnsmux", "err", err)
+	}
+	stopRun()
+	if err := <-runDone; err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, netnsmux.ErrClosed) {
+		runErr = err
+	}
+	if runErr != nil {
+		return fmt.Errorf("netnsmux: %w", runErr)
+	}
+	log.Info("stopped")
+	return nil
+}
+
+// buildTenant opens the tenant's volumes and registers its targets. Volumes stay open until the
+// pool is closed.
+func buildTenant(pool *backend.Pool, srv *target.Server, tn *conf.Tenant) (*tenantRun, error) {
+	rt := &tenantRun{cfg: tn, t: &target.Tenant{Name: tn.Name}}
+	for _, tc := range tn.Targets {
+		luns := make(map[uint64]*scsi.LU, len(tc.LUNs))
+		for _, l := range tc.LUNs {
+			vol, err := pool.Open(l.Volume, l.Size)
+			if err != nil {
+				return nil, fmt.Errorf("tenant %s: target %s: LUN %d: %w", tn.Name, tc.IQN, l.ID, err)
+			}
+			lu, err := scsi.NewLU(vol, scsi.LUConfig{ReadOnly: l.ReadOnly, WriteCache: l.WriteCache})
+			if err != nil {
+				vol.Close()
+				return nil, fmt.Errorf("tenant %s: target %s: LUN %d on volume %s: %w", tn.Name, tc.IQN, l.ID, l.Volume, err)
+			}
+			luns[l.ID] = lu
+		}
+		tg, err := srv.NewTarget(target.TargetConfig{IQN: tc.IQN, Alias: tc.Alias, Initiators: tc.Initiators, LUNs: luns})
+		if err != nil {
+			return nil, fmt.Errorf("tenant %s: target %s: %w", tn.Name, tc.IQN, err)
+		}
+		rt.t.Targets = append(rt.t.Targets, tg)
+	}
+	return rt, nil
+}
+
+// acceptLoop hands every accepted connection to the target layer under the tenant of the
+// namespace it arrived in, until ctx is done. Each connection's goroutine is counted in conns
+// and ends when connCtx is done or the connection ends.
+func acceptLoop(ctx context.Context, log *slog.Logger, mux *netnsmux.Mux, srv *target.Server,
+	byNetns map[string]*tenantRun, connCtx context.Context, conns *sync.WaitGroup) {
+	for {
+		c, err := mux.Accept(ctx)
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, netnsmux.ErrClosed) {
+				return
+			}
+			log.Warn("accept", "err", err)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+			continue
+		}
+		rt := byNetns[c.Namespace]
+		if rt == nil {
+			// Only namespaces we asked to Listen in can produce conns; be strict anyway.
+			log.Error("connection from a namespace no tenant owns", "netns", c.Namespace, "netns_id", uint64(c.ID))
+			c.Close()
+			continue
+		}
+		// The target layer adds tenant and remote itself; it gets what only we know.
+		nsAttrs := []slog.Attr{slog.String("netns", c.Namespace), slog.Uint64("netns_id", uint64(c.ID))}
+		attrs := append([]slog.Attr{slog.String("tenant", rt.cfg.Name), slog.String("remote", c.RemoteAddr().String())}, nsAttrs...)
+		conns.Add(1)
+		go func() {
+			defer conns.Done()
+			log.LogAttrs(connCtx, slog.LevelDebug, "connection accepted", attrs...)
+			err := srv.ServeConn(connCtx, c, rt.t, nsAttrs...)
+			lv := slog.LevelInfo
+			if err != nil && !errors.Is(err, context.Canceled) {
+				lv = slog.LevelWarn
+			}
+			log.LogAttrs(context.Background(), lv, "connection ended", append(attrs, slog.Any("err", err))...)
+		}()
+	}
+}
+
+func logEvent(log *slog.Logger, tenant string, ev netnsmux.Event) {
+	attrs := []slog.Attr{
+		slog.String("tenant", tenant),
+		slog.String("netns", ev.Namespace),
+		slog.Uint64("netns_id", uint64(ev.ID)),
+	}
+	switch ev.Kind {
+	case netnsmux.NamespaceAdded:
+		log.LogAttrs(context.Background(), slog.LevelInfo, "tenant namespace up", attrs...)
+	case netnsmux.NamespaceRemoved:
+		log.LogAttrs(context.Background(), slog.LevelWarn, "tenant namespace gone; tenant offline", attrs...)
+	case netnsmux.NamespaceReplaced:
+		log.LogAttrs(context.Background(), slog.LevelWarn, "tenant namespace replaced; old one dropped",
+			append(attrs, slog.Uint64("old_netns_id", uint64(ev.OldID)))...)
+	case netnsmux.ListenerUp:
+		log.LogAttrs(context.Background(), slog.LevelInfo, "tenant listening", append(attrs, slog.String("portal", ev.Addr))...)
+	case netnsmux.ListenerFailed:
+		log.LogAttrs(context.Background(), slog.LevelWarn, "tenant listen failed; retrying",
+			append(attrs, slog.String("portal", ev.Addr), slog.Any("err", ev.Err))...)
+	default:
+		log.LogAttrs(context.Background(), slog.LevelDebug, "netnsmux event", append(attrs, slog.Int("kind", int(ev.Kind)))...)
+	}
+}
