@@ -19,9 +19,13 @@ vet:
 	  if [ -n "$$out" ]; then echo "gofmt needed: $$out"; exit 1; fi
 	$(GO) vet ./...
 
+# Suites whose verbose output is the report: libiscsi's pass/skip/fail table, each VM guest's result.
+REPORTING := ./tests/conformance/ ./tests/e2e/vm/
+
 # Unit, conformance and end-to-end tests: real namespaces, real sockets, real initiators.
 test: deps vet
-	$(GO) test -race -count=1 -timeout $(TIMEOUT) ./...
+	$(GO) test -race -count=1 -timeout $(TIMEOUT) $$($(GO) list ./... | grep -v -e /tests/conformance -e /tests/e2e/vm)
+	$(GO) test -race -count=1 -timeout $(TIMEOUT) -v $(REPORTING)
 
 demo: deps build
 	./$(BIN) demo
