@@ -4,8 +4,7 @@
 // It must never: truncate or shrink an existing volume (a config mistake is refused with an
 // error naming the volume), know about tenants, SCSI or iSCSI, or copy I/O buffers it can avoid.
 //
-// THIS FILE IS THE CONTRACT other packages compile against. The implementation replaces the stub
-// bodies; exported names and meanings stay (additions are fine).
+// The Volume interface is small so that a network backend can be added beside the file pool.
 package backend
 
 import (

@@ -16,9 +16,7 @@
 // in init), so that no tenant namespace is ever entered on the main thread; see pool_linux.go.
 // Linux only. Design, identity rules, the pre-6.18 fallback and measured numbers: README.md.
 //
-// THIS FILE IS THE CONTRACT other packages compile against (Mux and its methods live in
-// mux_linux.go). The implementation replaces the stub
-// bodies; exported names and meanings stay (additions are fine).
+// This file holds the exported types; Mux and its methods live in mux_linux.go.
 package netnsmux
 
 import (

@@ -6,8 +6,7 @@
 // It must never: listen or dial by itself, show one tenant anything of another tenant (targets,
 // sessions, LUNs), or let one connection's failure or panic affect another connection.
 //
-// THIS FILE IS THE CONTRACT other packages compile against. The implementation replaces the stub
-// bodies; exported names and meanings stay (additions are fine).
+// Design, goroutine ownership, limits and measured numbers: README.md.
 package target
 
 import (

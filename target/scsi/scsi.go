@@ -6,8 +6,7 @@
 // I/O when the transport's buffer can be used, write outside the LBA range a command addresses,
 // or panic on any CDB (unknown or malformed input is CHECK CONDITION with correct sense).
 //
-// THIS FILE IS THE CONTRACT the iSCSI layer compiles against. The implementation replaces the
-// stub bodies; exported names and meanings stay (additions are fine).
+// This file holds the surface the iSCSI layer uses; the commands live in the other files.
 package scsi
 
 import (
