@@ -441,7 +441,7 @@ fi
 start_tgtd "$NS_TGT" && verify_data 1 || die "tgtd does not serve the volume (log: $SRV_LOG)"
 stop_server
 if [[ $PROFILE == 1 ]]; then
-	if [[ $NST_IS_TGTD == 0 ]] && "$NST_BIN" serve -help 2>&1 | grep -qE -- "-{1,2}${NST_PPROF_FLAG##*-}\b"; then
+	if [[ $NST_IS_TGTD == 0 ]] && "$NST_BIN" help 2>&1 | grep -qE -- "-{1,2}${NST_PPROF_FLAG##*-}\b"; then
 		command -v curl >/dev/null || die "PROFILE=1 needs curl"
 		PPROF_ADDR=127.0.0.1:$((16000 + $$ % 10000))
 		log "PROFILE=1: nstarget serve $NST_PPROF_FLAG $PPROF_ADDR; CPU profiles of round 1 -> $RESULTS_DIR/pprof-$STAMP-*.pb.gz"
