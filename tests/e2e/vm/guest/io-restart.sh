@@ -2,18 +2,7 @@
 # (it acts on E2E-IO-RUNNING). The kernel must see the connection fail and open-iscsi must log in
 # again within the replacement timeout; the writes block meanwhile but none fails. Afterwards the
 # file system is clean and every file intact.
-iscsid_start
-discover
-login
-wait_disk /dev/sda
-mkfs.ext4 -q -F -E nodiscard /dev/sda
-mount -t ext4 /dev/sda /mnt
-writer /mnt &
-wpid=$!
-wait_count 3
-port0=$(conn_port) # before the host acts on the marker
-[ -n "$port0" ] || fail "no local port for the iSCSI connection in sysfs"
-echo "E2E-IO-RUNNING"
+start_io 3
 t0=$(cut -d. -f1 /proc/uptime)
 seen=""
 disrupted=""

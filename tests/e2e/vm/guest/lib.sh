@@ -69,3 +69,21 @@ wait_count() {
 conn_errors() { dmesg | grep -c 'detected conn error' || true; }
 # conn_port prints the local TCP port of the first iSCSI connection: a new one means a new login.
 conn_port() { cat /sys/class/iscsi_connection/connection*/local_port 2>/dev/null | head -n1; }
+
+# start_io N: log in, make and mount ext4 on the LUN, start the fsynced writer, wait for N files,
+# record the connection's local port in port0 (before the host acts on the marker) and announce
+# E2E-IO-RUNNING. Sets wpid and port0.
+start_io() {
+	iscsid_start
+	discover
+	login
+	wait_disk /dev/sda
+	mkfs.ext4 -q -F -E nodiscard /dev/sda
+	mount -t ext4 /dev/sda /mnt
+	writer /mnt &
+	wpid=$!
+	wait_count "$1"
+	port0=$(conn_port)
+	[ -n "$port0" ] || fail "no local port for the iSCSI connection in sysfs"
+	echo "E2E-IO-RUNNING"
+}
