@@ -21,7 +21,8 @@
 #   NST_BIN=path        use this nstarget binary instead of building one
 #   NST_FALLBACK=0      0: nstarget must serve, else fail; 1: run tgtd in nstarget's place
 #                       (harness validation only, loudly marked); auto: fall back if serve fails
-#   NST_START_TIMEOUT=20  seconds to wait for nstarget to serve the LUN
+#   NST_START_TIMEOUT=60  seconds to wait for a server (nstarget, tgtd) to serve the LUN; only a
+#                       server that never comes up waits this long
 #   PROFILE=0           1: capture a CPU profile of nstarget per case (round 1) if its `serve`
 #                       has a pprof flag (NST_PPROF_FLAG, default -pprof, value host:port)
 #   KEEP_WORK=0         1: keep the work dir (volume, configs, logs) for inspection
@@ -38,7 +39,7 @@ ALL_CASES="4k-rand-qd32 4k-rand-qd1 64k-rand-qd8 1m-seq-qd4 4k-rand-qd16x2"
 CASES=${CASES:-$ALL_CASES}
 RESULTS_DIR=${RESULTS_DIR:-/tmp/nstarget-bench}
 NST_FALLBACK=${NST_FALLBACK:-0}
-NST_START_TIMEOUT=${NST_START_TIMEOUT:-20}
+NST_START_TIMEOUT=${NST_START_TIMEOUT:-60}
 NST_PPROF_FLAG=${NST_PPROF_FLAG:--pprof}
 PROFILE=${PROFILE:-0}
 KEEP_WORK=${KEEP_WORK:-0}
@@ -213,7 +214,7 @@ start_tgtd() { # start_tgtd NS: Debian's tgtd alone in NS, LUN 1 = our volume
 	ip netns exec "$ns" "${NICE[@]}" tgtd -f -C "$TGT_CP" --iscsi portal="$PORTAL" >>"$SRV_LOG" 2>&1 &
 	SRV_PID=$!
 	STARTED_PIDS+=("$SRV_PID")
-	for ((i = 0; i < 100; i++)); do
+	for ((i = 0; i < NST_START_TIMEOUT * 10; i++)); do
 		tgtadm -C "$TGT_CP" --lld iscsi --mode target --op new --tid 1 --targetname "$IQN" >>"$SRV_LOG" 2>&1 && break
 		kill -0 "$SRV_PID" 2>/dev/null || break
 		sleep 0.1
@@ -222,7 +223,7 @@ start_tgtd() { # start_tgtd NS: Debian's tgtd alone in NS, LUN 1 = our volume
 		tgtadm -C "$TGT_CP" --lld iscsi --mode target --op bind --tid 1 --initiator-address ALL >>"$SRV_LOG" 2>&1 ||
 		{ log "tgtadm setup failed; log tail:"; tail -n 20 "$SRV_LOG" >&2; return 1; }
 	SRV_URL=iscsi://$PORTAL/$IQN/1 # tgtd's LUN 0 is its controller
-	wait_served 10
+	wait_served "$NST_START_TIMEOUT"
 }
 
 NST_CFG=$WORK/nstarget.toml
@@ -355,7 +356,7 @@ run_loopback() { # run_loopback ROUND: one iperf3 stream over lo inside a namesp
 	ip netns exec "$NS_IPF" "${NICE[@]}" iperf3 -s -B 127.0.0.1 -p 5201 >"$WORK/iperf-server-$round.log" 2>&1 &
 	srvpid=$!
 	STARTED_PIDS+=("$srvpid")
-	for ((i = 0; i < 100; i++)); do
+	for ((i = 0; i < NST_START_TIMEOUT * 10; i++)); do
 		ip netns exec "$NS_IPF" ss -Hltn 'sport = :5201' 2>/dev/null | grep -q . && break
 		kill -0 "$srvpid" 2>/dev/null || break
 		sleep 0.1

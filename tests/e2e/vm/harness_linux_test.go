@@ -269,6 +269,11 @@ func delNetns(ns string) {
 	}
 }
 
+// patience bounds every wait for the server, the kernel or a tool on the host side. It only turns
+// a hang into a failure: a wait that succeeds is as fast as the event it waits for, and `make test`
+// runs TCG guests, a -race server and other packages on the same two cores.
+const patience = 90 * time.Second
+
 // waitPortal waits until something accepts TCP connections on the portal inside ns.
 func waitPortal(ns string, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
@@ -356,6 +361,7 @@ type guest struct {
 	t     *testing.T
 	start time.Time
 	proc  *proc
+	stdin io.WriteCloser // the guest's serial input: lines for host_listen in guest/lib.sh
 
 	mu      sync.Mutex
 	lines   []string
@@ -446,21 +452,32 @@ func (s *suite) bootGuest(t *testing.T, spec guestSpec) *guest {
 		args = append(args, "-fw_cfg", "name=opt/e2e/data,file="+f)
 	}
 	cmd := exec.Command("ip", args...)
-	stdout, err := cmd.StdoutPipe()
+	// A pipe of our own rather than cmd.StdoutPipe: Wait (which startProc calls at once) closes
+	// that one as soon as qemu exits, dropping whatever the reader has not read yet, which is the
+	// guest's last lines and its verdict whenever the reader is behind on a loaded machine. This
+	// one is read to EOF and closed by the reader.
+	console, consoleW, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd.Stderr = cmd.Stdout // qemu's own errors land in the same log
-	g := &guest{spec: spec, t: t, changed: make(chan struct{})}
+	cmd.Stdout, cmd.Stderr = consoleW, consoleW // qemu's own errors land in the same log
+	// -serial stdio: what the host writes here arrives on the guest's console.
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &guest{spec: spec, t: t, stdin: stdin, changed: make(chan struct{})}
 	g.start = time.Now()
 	// ip netns exec execs qemu in place: the PID is qemu's.
 	p, err := startProc(cmd, "qemu "+spec.name)
+	consoleW.Close() // qemu has its own copy: EOF comes when it exits
 	if err != nil {
+		console.Close()
 		t.Fatal(err)
 	}
 	g.proc = p
 	g.readers.Add(1)
-	go g.read(stdout)
+	go g.read(console)
 	t.Cleanup(func() {
 		_ = p.cmd.Process.Kill()
 		<-p.done
@@ -474,8 +491,9 @@ func (s *suite) bootGuest(t *testing.T, spec guestSpec) *guest {
 	return g
 }
 
-func (g *guest) read(r io.Reader) {
+func (g *guest) read(r io.ReadCloser) {
 	defer g.readers.Done()
+	defer r.Close()
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
@@ -545,6 +563,7 @@ func (g *guest) waitLine(prefix string, timeout time.Duration) (string, time.Dur
 func (g *guest) result(timeout time.Duration) (pass bool, summary string) {
 	line, at, err := g.waitLine("E2E-RESULT", timeout)
 	if err != nil {
+		g.t.Log(err)
 		return false, err.Error()
 	}
 	select {
@@ -568,6 +587,15 @@ func (g *guest) result(timeout time.Duration) (pass bool, summary string) {
 		g.spec.name, g.spec.ns, g.spec.script, strings.TrimPrefix(line, "E2E-RESULT "), at.Seconds(), strings.Join(steps, " "))
 	g.t.Log(summary)
 	return strings.HasPrefix(line, "E2E-RESULT PASS"), summary
+}
+
+// send writes one line to the guest's serial console; a script that called host_listen sees it
+// with host_said.
+func (g *guest) send(line string) error {
+	if _, err := io.WriteString(g.stdin, line+"\n"); err != nil {
+		return fmt.Errorf("guest %s: send %q: %w", g.spec.name, line, err)
+	}
+	return nil
 }
 
 // consoleHas reports whether any console line contains s.

@@ -40,6 +40,9 @@ type server interface {
 	start(t *testing.T)
 	// stop sends SIGTERM and waits for the exit.
 	stop(t *testing.T)
+	// dropped waits until the server has let go of the tenant's namespace for the n-th time
+	// (1-based) after it was deleted; a server that does not watch namespaces returns at once.
+	dropped(t *testing.T, tenant string, n int)
 	// recreated tells the server that the tenant's namespace was deleted and made again. nstarget
 	// must notice that by itself (it watches netns_dir); only a bring-up peer needs help.
 	recreated(t *testing.T, tenant string)
@@ -100,7 +103,7 @@ func newNstarget(t *testing.T, s *suite, tenants []tenantSpec) *nstargetServer {
 	}
 	t.Cleanup(func() {
 		if n.proc != nil {
-			n.proc.stop(15 * time.Second)
+			n.proc.stop(patience)
 		}
 		logs, _ := os.ReadFile(n.logPath)
 		if bytes.Contains(logs, []byte("WARNING: DATA RACE")) {
@@ -132,7 +135,7 @@ func (n *nstargetServer) start(t *testing.T) {
 	}
 	n.proc = p
 	for _, tn := range n.tenants {
-		if err := waitPortal(tn.ns, 20*time.Second); err != nil {
+		if err := waitPortal(tn.ns, patience); err != nil {
 			logs, _ := os.ReadFile(n.logPath)
 			if p.exited() {
 				t.Fatalf("nstarget serve exited (%v):\n%s", p.err, tail(logs, 50))
@@ -147,8 +150,10 @@ func (n *nstargetServer) stop(t *testing.T) {
 	if n.proc == nil {
 		return
 	}
-	if n.proc.stop(15 * time.Second) {
-		t.Errorf("nstarget did not exit within 15s of SIGTERM (killed)")
+	// SIGTERM gives sessions up to 10 s to log out before they are closed; the rest of patience
+	// is for a loaded machine, so only a hung shutdown is reported.
+	if n.proc.stop(patience) {
+		t.Errorf("nstarget did not exit within %v of SIGTERM (killed)", patience)
 	} else if n.proc.err != nil {
 		logs, _ := os.ReadFile(n.logPath)
 		t.Errorf("nstarget exited with %v after SIGTERM:\n%s", n.proc.err, tail(logs, 30))
@@ -157,6 +162,34 @@ func (n *nstargetServer) stop(t *testing.T) {
 }
 
 func (n *nstargetServer) recreated(*testing.T, string) {}
+
+// dropped waits for the n-th "tenant namespace gone" line of the tenant in the server's log.
+func (n *nstargetServer) dropped(t *testing.T, tenant string, want int) {
+	t.Helper()
+	deadline := time.Now().Add(patience)
+	for {
+		logs, err := os.ReadFile(n.logPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen := 0
+		for _, l := range strings.Split(string(logs), "\n") {
+			if strings.Contains(l, `msg="tenant namespace gone; tenant offline"`) && strings.Contains(l, " tenant="+tenant+" ") {
+				seen++
+			}
+		}
+		if seen >= want {
+			return
+		}
+		if n.proc != nil && n.proc.exited() {
+			t.Fatalf("nstarget exited (%v) while waiting for it to drop tenant %s's namespace:\n%s", n.proc.err, tenant, tail(logs, 50))
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nstarget did not drop tenant %s's deleted namespace (%d of %d times) within %v:\n%s", tenant, seen, want, patience, tail(logs, 50))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
 
 // volumePath finds the volume's file in data_dir; the pool's layout inside it is the backend's
 // business, so search for a regular file named after the volume.
@@ -245,7 +278,7 @@ func (g *tgtdServer) startTenant(t *testing.T, tn tenantSpec) {
 		}
 		return nil
 	}
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(patience)
 	for adm("--op", "show", "--mode", "system") != nil {
 		if time.Now().After(deadline) {
 			t.Fatalf("tgtd for %s did not come up", tn.name)
@@ -272,7 +305,7 @@ func (g *tgtdServer) startTenant(t *testing.T, tn tenantSpec) {
 			must(adm("--op", "bind", "--mode", "target", "--tid", tid, "--initiator-name", in))
 		}
 	}
-	if err := waitPortal(tn.ns, 10*time.Second); err != nil {
+	if err := waitPortal(tn.ns, patience); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -301,6 +334,9 @@ func (g *tgtdServer) recreated(t *testing.T, tenant string) {
 		}
 	}
 }
+
+// dropped: tgtd runs inside the namespace and keeps it alive until recreated stops it.
+func (g *tgtdServer) dropped(*testing.T, string, int) {}
 
 func (g *tgtdServer) volumePath(_ *testing.T, volume string) string {
 	return filepath.Join(g.dataDir, volume)

@@ -2,13 +2,23 @@
 
 iscsid_start() { iscsid -n || fail "iscsid did not start"; }
 
-# wait_disk DEV: the SCSI disk shows up asynchronously after login.
+# wait_disk DEV: the SCSI disk shows up asynchronously after login. The bound only turns a
+# disk that never comes into a failure; a slow guest is given minutes.
 wait_disk() {
-	_i=0
+	_t0=$(cut -d. -f1 /proc/uptime)
 	# The node appears before the capacity is known: wait for both.
 	while [ ! -b "$1" ] || [ "$(cat "/sys/block/${1#/dev/}/size" 2>/dev/null || echo 0)" = 0 ]; do
-		_i=$((_i + 1))
-		[ $_i -gt 200 ] && fail "$1 did not appear"
+		[ $(($(cut -d. -f1 /proc/uptime) - _t0)) -gt ${E2E_DISK_WAIT:-120} ] && fail "$1 did not appear within ${E2E_DISK_WAIT:-120}s"
+		sleep 0.1
+	done
+}
+
+# no_sessions_within N: until the kernel holds no iSCSI session (a refused login's session is torn
+# down by iscsid); fails after N seconds.
+no_sessions_within() {
+	_t0=$(cut -d. -f1 /proc/uptime)
+	while [ -n "$(ls /sys/class/iscsi_session 2>/dev/null)" ]; do
+		[ $(($(cut -d. -f1 /proc/uptime) - _t0)) -gt "$1" ] && fail "iSCSI session still present after ${1}s: $(ls /sys/class/iscsi_session)"
 		sleep 0.1
 	done
 }
@@ -42,29 +52,69 @@ no_io_errors() {
 	fi
 }
 
-# writer DIR: writes 256 KiB files of random content with fsync until /tmp/stop exists; records
-# their checksums in /tmp/sums and the count in /tmp/count; a failed write leaves /tmp/werr.
+# writer DIR: rewrites a fixed set of $E2E_SLOTS (32) files of 256 KiB in DIR round-robin with
+# fresh random content and fsync until /tmp/stop exists, so the file system never fills however
+# fast the guest writes. Before a slot is overwritten, its content is read back from the disk
+# (O_DIRECT, past the page cache) and must match the checksum of what was last written to it.
+# /tmp/count is the number of writes done; /tmp/sums holds the checksum of every slot's latest
+# content (sha256sum -c format, relative to DIR). A failed write or check prints E2E-ERR and
+# leaves /tmp/werr.
 writer() {
 	_n=0
+	_slots=${E2E_SLOTS:-32}
+	mkdir -p /tmp/slots
 	while [ ! -e /tmp/stop ]; do
+		_f=w$((_n % _slots))
+		if [ -e "/tmp/slots/$_f" ]; then
+			if ! dd if="$1/$_f" of=/tmp/rbuf iflag=direct bs=64k 2>/tmp/dd.err; then
+				echo "E2E-ERR read-back of $_f before write $((_n + 1)) failed: $(cat /tmp/dd.err)"
+				touch /tmp/werr
+				return 1
+			fi
+			_want=$(cut -d' ' -f1 "/tmp/slots/$_f")
+			_got=$(sha256sum </tmp/rbuf | cut -d' ' -f1)
+			if [ "$_got" != "$_want" ]; then
+				echo "E2E-ERR $_f changed on disk since it was written: sha256 $_got, want $_want (before write $((_n + 1)))"
+				touch /tmp/werr
+				return 1
+			fi
+		fi
 		_n=$((_n + 1))
-		if ! dd if=/dev/urandom of="$1/w$_n" bs=64k count=4 conv=fsync 2>/tmp/dd.err; then
-			echo "E2E-ERR write w$_n failed: $(cat /tmp/dd.err)"
+		# The checksum is taken of the source bytes, not of a read-back through the page cache.
+		dd if=/dev/urandom of=/tmp/wbuf bs=64k count=4 2>/dev/null
+		if ! dd if=/tmp/wbuf of="$1/$_f" bs=64k conv=fsync 2>/tmp/dd.err; then
+			echo "E2E-ERR write $_n ($_f) failed: $(cat /tmp/dd.err)"
 			touch /tmp/werr
 			return 1
 		fi
-		(cd "$1" && sha256sum "w$_n") >>/tmp/sums
-		echo $_n >/tmp/count
+		echo "$(sha256sum </tmp/wbuf | cut -d' ' -f1)  $_f" >"/tmp/slots/$_f"
+		# Both replaced whole (rename), so a reader never sees a half-written file: an empty
+		# count would read as an error, not as a number.
+		cat /tmp/slots/* >/tmp/sums.new && mv /tmp/sums.new /tmp/sums
+		echo $_n >/tmp/count.new && mv /tmp/count.new /tmp/count
 	done
 }
 count() { cat /tmp/count 2>/dev/null || echo 0; }
-# wait_count N: until the writer has written N files (or failed).
+slots() { echo "${E2E_SLOTS:-32}"; }
+# wait_count N: until the writer has done N writes (or failed).
 wait_count() {
 	while [ "$(count)" -lt "$1" ]; do
 		[ -e /tmp/werr ] && fail "writer failed"
 		sleep 0.2
 	done
 }
+# host_listen: every line the host writes to the serial console (qemu's stdin) is appended to
+# /tmp/host and acknowledged with E2E-HOST-SAID. Echo is switched off first so that the host's
+# input never comes back mixed into the guest's output lines.
+host_listen() {
+	stty -echo </dev/console 2>/dev/null || echo "E2E-WARN stty -echo failed"
+	(while read -r _l; do
+		echo "$_l" >>/tmp/host
+		echo "E2E-HOST-SAID $_l at $(cut -d' ' -f1 /proc/uptime) after $(count) writes"
+	done) </dev/console &
+}
+# host_said WORD: the host has sent the line WORD.
+host_said() { grep -qx "$1" /tmp/host 2>/dev/null; }
 # conn_errors counts the connection failures the kernel saw.
 conn_errors() { dmesg | grep -c 'detected conn error' || true; }
 # conn_port prints the local TCP port of the first iSCSI connection: a new one means a new login.
