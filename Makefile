@@ -18,6 +18,7 @@ vet:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	  if [ -n "$$out" ]; then echo "gofmt needed: $$out"; exit 1; fi
 	$(GO) vet ./...
+	GOOS=darwin $(GO) vet ./...
 
 # Suites whose verbose output is the report: libiscsi's pass/skip/fail table, each VM guest's result.
 REPORTING := ./tests/conformance/ ./tests/e2e/vm/

@@ -47,13 +47,6 @@ type Volume interface {
 	Close() error
 }
 
-// FileVolume is implemented by volumes backed by a local file, so a transport may use
-// zero-copy paths (sendfile/splice) on it. The file must not be closed or resized by the caller.
-type FileVolume interface {
-	Volume
-	File() *os.File
-}
-
 // Pool is the directory all volumes live in.
 type Pool struct {
 	dir string
@@ -84,11 +77,10 @@ func OpenPool(dir string) (*Pool, error) {
 	return &Pool{dir: dir, open: make(map[string]*fileVol)}, nil
 }
 
-// Dir is the pool directory.
-func (p *Pool) Dir() string { return p.dir }
-
 // ValidName reports whether name can be a volume name: 1..200 characters of [A-Za-z0-9._-],
-// not starting with '.', so it can never escape the pool directory or hide as a dot file.
+// not starting with '.' or '-', so it can never escape the pool directory or hide as a dot
+// file. It is the one rule for volume names: conf applies it to the configuration, Open and
+// Check to every name they are given.
 func ValidName(name string) error {
 	if name == "" || len(name) > 200 {
 		return fmt.Errorf("volume %q: %w: length must be 1..200", name, ErrBadName)

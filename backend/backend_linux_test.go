@@ -27,7 +27,7 @@ func TestOpenCreatesSparseFileOfConfiguredSize(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer v.Close()
-	st, err := os.Stat(filepath.Join(p.Dir(), "vol1"))
+	st, err := os.Stat(filepath.Join(p.dir, "vol1"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -90,7 +90,7 @@ func TestOpenRefusesToShrinkAndNamesVolume(t *testing.T) {
 	if !bytes.Contains([]byte(err.Error()), []byte(`"big"`)) {
 		t.Fatalf("error does not name the volume: %v", err)
 	}
-	st, _ := os.Stat(filepath.Join(p.Dir(), "big"))
+	st, _ := os.Stat(filepath.Join(p.dir, "big"))
 	if st.Size() != 2<<20 {
 		t.Fatalf("file size changed to %d", st.Size())
 	}
@@ -137,7 +137,7 @@ func TestCheckValidatesWithoutTouchingDisk(t *testing.T) {
 	if err := p.Check("new-volume", 1<<20); err != nil {
 		t.Fatalf("Check new: %v", err)
 	}
-	if _, err := os.Stat(filepath.Join(p.Dir(), "new-volume")); !errors.Is(err, os.ErrNotExist) {
+	if _, err := os.Stat(filepath.Join(p.dir, "new-volume")); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("Check created the file: %v", err)
 	}
 	v, err := p.Open("existing", 2<<20)
@@ -145,14 +145,14 @@ func TestCheckValidatesWithoutTouchingDisk(t *testing.T) {
 		t.Fatal(err)
 	}
 	v.Close()
-	before, _ := os.Stat(filepath.Join(p.Dir(), "existing"))
+	before, _ := os.Stat(filepath.Join(p.dir, "existing"))
 	if err := p.Check("existing", 1<<20); !errors.Is(err, ErrShrink) {
 		t.Fatalf("Check smaller: %v, want ErrShrink", err)
 	}
 	if err := p.Check("existing", 4<<20); err != nil {
 		t.Fatalf("Check larger: %v", err)
 	}
-	after, _ := os.Stat(filepath.Join(p.Dir(), "existing"))
+	after, _ := os.Stat(filepath.Join(p.dir, "existing"))
 	if after.Size() != before.Size() || !after.ModTime().Equal(before.ModTime()) {
 		t.Fatal("Check modified the file")
 	}
@@ -168,7 +168,7 @@ func TestBadNamesAreRefused(t *testing.T) {
 			t.Errorf("Open(%q): %v, want ErrBadName", name, err)
 		}
 	}
-	entries, _ := os.ReadDir(filepath.Dir(p.Dir()))
+	entries, _ := os.ReadDir(filepath.Dir(p.dir))
 	if len(entries) != 1 {
 		t.Fatalf("something was created beside the pool: %v", entries)
 	}
@@ -182,7 +182,7 @@ func TestSymlinkInPoolIsNotFollowed(t *testing.T) {
 	if err := os.WriteFile(outside, []byte("keep"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Symlink(outside, filepath.Join(p.Dir(), "link")); err != nil {
+	if err := os.Symlink(outside, filepath.Join(p.dir, "link")); err != nil {
 		t.Fatal(err)
 	}
 	if err := p.Check("link", 1<<20); err == nil {
@@ -207,7 +207,7 @@ func TestSameNameSharesOneFile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if a.(FileVolume).File() != b.(FileVolume).File() {
+	if a.(*volRef).fileVol != b.(*volRef).fileVol {
 		t.Fatal("two opens of one name use two files")
 	}
 	if _, err := a.WriteAt([]byte("x"), 10); err != nil {
@@ -272,7 +272,7 @@ func TestUnmapPunchesHoleThatReadsZeros(t *testing.T) {
 	if b[0] != 0xA5 || b[11] != 0xA5 || !bytes.Equal(b[1:11], make([]byte, 10)) {
 		t.Fatalf("unaligned unmap: %x", b)
 	}
-	if st, _ := os.Stat(filepath.Join(p.Dir(), "punch")); st.Size() != 1<<20 {
+	if st, _ := os.Stat(filepath.Join(p.dir, "punch")); st.Size() != 1<<20 {
 		t.Fatalf("unmap changed the file size to %d", st.Size())
 	}
 }
@@ -294,7 +294,7 @@ func TestIOOutsideVolumeIsRefused(t *testing.T) {
 	if err := v.Unmap(4096, 8192); err == nil {
 		t.Fatal("unmap across the end succeeded")
 	}
-	if st, _ := os.Stat(filepath.Join(p.Dir(), "bounds")); st.Size() != 8192 {
+	if st, _ := os.Stat(filepath.Join(p.dir, "bounds")); st.Size() != 8192 {
 		t.Fatalf("file grew to %d", st.Size())
 	}
 }

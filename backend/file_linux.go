@@ -5,8 +5,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"sync"
-	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -69,32 +67,6 @@ func syncDir(dir string) error {
 	return nil
 }
 
-// fileVol is one open volume file shared by all references.
-type fileVol struct {
-	pool *Pool
-	name string
-	f    *os.File
-	fd   int
-	size atomic.Int64
-	refs int // guarded by pool.mu
-
-	// closeMu makes I/O and closing exclusive, so no pread ever hits a recycled fd number.
-	closeMu  sync.RWMutex
-	isClosed bool
-}
-
-// volRef is one user's reference; Close is idempotent per reference.
-type volRef struct {
-	*fileVol
-	once sync.Once
-}
-
-func (r *volRef) Close() error {
-	var err error
-	r.once.Do(func() { err = r.pool.release(r.fileVol) })
-	return err
-}
-
 func (v *fileVol) closeFile() error {
 	v.closeMu.Lock()
 	defer v.closeMu.Unlock()
@@ -110,20 +82,6 @@ func (v *fileVol) closeFile() error {
 		errs = append(errs, fmt.Errorf("backend: volume %q: close: %w", v.name, err))
 	}
 	return errors.Join(errs...)
-}
-
-func (v *fileVol) Name() string { return v.name }
-
-func (v *fileVol) Size() int64 { return v.size.Load() }
-
-// File exposes the underlying file for zero-copy transports; callers must not close it.
-func (v *fileVol) File() *os.File { return v.f }
-
-func (v *fileVol) bounds(off, n int64) error {
-	if off < 0 || n < 0 || off > v.size.Load()-n {
-		return fmt.Errorf("backend: volume %q: range [%d,+%d) outside size %d", v.name, off, n, v.size.Load())
-	}
-	return nil
 }
 
 // ReadAt reads len(p) bytes at off with pread; short reads are retried, EOF never happens

@@ -5,8 +5,9 @@
 // and mapping each finding to a file:line.
 //
 // It must never: touch the volume pool or the network (the shrink check goes through a function
-// the caller passes; volume names are checked with backend.ValidName, a pure function), or
-// silently ignore a key it does not know.
+// the caller passes; volume names are checked with backend.ValidName and iSCSI names with
+// iscsiname.Check, the pure rules of the packages that own those names), or silently ignore a
+// key it does not know.
 package conf
 
 import (
@@ -17,10 +18,12 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/BurntSushi/toml"
 
 	"nstarget/backend"
+	"nstarget/target/iscsiname"
 )
 
 // Defaults of the [server] and [[tenant]] sections.
@@ -45,6 +48,18 @@ type Server struct {
 	DataDir  string // absolute; the shared volume pool (relative paths are relative to the file)
 	// DataDirLine is the line of data_dir (0: defaulted), for errors about the pool itself.
 	DataDirLine int
+	// MaxBuffer bounds data buffers of all tenants together, in bytes; default
+	// DefaultMaxBuffer.
+	MaxBuffer int64
+	// MaxConnections bounds open connections of all tenants together; 0 (the default) lets
+	// serve derive it from RLIMIT_NOFILE.
+	MaxConnections int
+	// NopInterval is the idle time before the target pings a connection; NopTimeout closes
+	// a connection that makes no progress for that long after a ping.
+	NopInterval, NopTimeout time.Duration
+	// Limits is [server.limits] with DefaultLimits filled in: what a tenant may hold unless
+	// its own [tenant.limits] says otherwise.
+	Limits Limits
 }
 
 // Tenant is one [[tenant]].
@@ -53,7 +68,10 @@ type Tenant struct {
 	Netns   string // file name under NetnsDir; default Name
 	Portal  string // ip:port inside the namespace; default DefaultPortal
 	Targets []*Target
-	Line    int
+	// Limits is resolved: each key of [tenant.limits], else of [server.limits], else
+	// DefaultLimits.
+	Limits Limits
+	Line   int
 }
 
 // Target is one [[tenant.target]].
@@ -263,6 +281,21 @@ func (t *table) strings(k string) []string {
 	return out
 }
 
+// sub returns the table k ([k] or an inline table), or nil when it is absent or not a table
+// (which is reported).
+func (t *table) sub(k string) *table {
+	x, ok := t.get(k)
+	if !ok {
+		return nil
+	}
+	m, ok := x.(map[string]any)
+	if !ok {
+		t.v.errorf(t.key(k), "must be a table, not %s", tomlType(x))
+		return nil
+	}
+	return t.v.table(t.key(k), m)
+}
+
 // tables returns an array of tables (either [[k]] sections or an inline array of tables).
 func (t *table) tables(k string) []*table {
 	x, ok := t.get(k)
@@ -327,21 +360,16 @@ func tomlType(x any) string {
 
 func (v *validator) config(raw map[string]any) *Config {
 	root := v.table("", raw)
-	cfg := &Config{File: v.file, Server: Server{NetnsDir: DefaultNetnsDir, DataDir: DefaultDataDir}}
-	if x, ok := root.get("server"); ok {
-		m, ok := x.(map[string]any)
-		if !ok {
-			v.errorf("server", "must be a table ([server]), not %s", tomlType(x))
-		} else {
-			st := v.table("server", m)
-			cfg.Server.NetnsDir = v.dir(st, "netns_dir", DefaultNetnsDir)
-			cfg.Server.DataDir = v.dir(st, "data_dir", DefaultDataDir)
-			cfg.Server.DataDirLine = v.pos.line("server.data_dir")
-			st.done()
-		}
+	cfg := &Config{File: v.file, Server: defaultServer()}
+	if st := root.sub("server"); st != nil {
+		cfg.Server.NetnsDir = v.dir(st, "netns_dir", DefaultNetnsDir)
+		cfg.Server.DataDir = v.dir(st, "data_dir", DefaultDataDir)
+		cfg.Server.DataDirLine = v.pos.line("server.data_dir")
+		v.serverRuntime(st, &cfg.Server)
+		st.done()
 	}
 	for _, tt := range root.tables("tenant") {
-		cfg.Tenants = append(cfg.Tenants, v.tenant(tt))
+		cfg.Tenants = append(cfg.Tenants, v.tenant(tt, &cfg.Server))
 	}
 	root.done()
 	return cfg
@@ -362,8 +390,8 @@ func (v *validator) dir(t *table, k, def string) string {
 	return filepath.Clean(d)
 }
 
-func (v *validator) tenant(t *table) *Tenant {
-	tn := &Tenant{Line: v.pos.line(t.path)}
+func (v *validator) tenant(t *table, srv *Server) *Tenant {
+	tn := &Tenant{Line: v.pos.line(t.path), Limits: srv.Limits}
 	tn.Name = t.str("name", "", true)
 	if _, set := t.m["name"]; set {
 		if err := checkFileName("tenant name", tn.Name); err != nil {
@@ -383,6 +411,10 @@ func (v *validator) tenant(t *table) *Tenant {
 	for _, tgt := range t.tables("target") {
 		tn.Targets = append(tn.Targets, v.target(tgt))
 	}
+	if lt := t.sub("limits"); lt != nil {
+		tn.Limits = v.limits(lt, srv.Limits)
+		v.limitsWithinServer(lt, tn.Limits, srv)
+	}
 	t.done()
 	return tn
 }
@@ -391,7 +423,7 @@ func (v *validator) target(t *table) *Target {
 	tg := &Target{Line: v.pos.line(t.path)}
 	tg.IQN = t.str("iqn", "", true)
 	if _, set := t.m["iqn"]; set {
-		if err := CheckISCSIName(tg.IQN); err != nil {
+		if err := iscsiname.Check(tg.IQN); err != nil {
 			v.errorf(t.key("iqn"), "%v", err)
 		}
 	}
@@ -399,7 +431,7 @@ func (v *validator) target(t *table) *Target {
 	tg.Initiators = t.strings("initiators")
 	seen := map[string]bool{}
 	for _, in := range tg.Initiators {
-		if err := CheckISCSIName(in); err != nil {
+		if err := iscsiname.Check(in); err != nil {
 			v.errorf(t.key("initiators"), "initiator %v", err)
 		} else if seen[in] {
 			v.errorf(t.key("initiators"), "initiator %q listed twice", in)

@@ -314,30 +314,16 @@ func TestSizeUnits(t *testing.T) {
 	}
 }
 
-func TestISCSINames(t *testing.T) {
-	ok := []string{
-		"iqn.2026-11.com.example:acme.db", "iqn.1993-08.org.debian:01:host1", "iqn.2001-04.com.example",
-		"eui.02004567A425678D", "naa.52004567BA64678D", "naa.62004567BA64678D0123456789ABCDEF",
-	}
-	for _, n := range ok {
-		if err := CheckISCSIName(n); err != nil {
-			t.Errorf("%s: %v", n, err)
-		}
-	}
-}
-
 func TestExistingVolumeBiggerThanSizeIsRefusedByThePool(t *testing.T) {
+	// A plain file stands for the volume: Check only looks at it, and this way the test runs
+	// on every OS, not only where the pool can open volumes.
 	dir := t.TempDir()
-	pool, err := backend.OpenPool(dir)
-	if err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "vb"), nil, 0o640); err != nil {
 		t.Fatal(err)
 	}
-	v, err := pool.Open("vb", 2<<20)
-	if err != nil {
+	if err := os.Truncate(filepath.Join(dir, "vb"), 2<<20); err != nil {
 		t.Fatal(err)
 	}
-	v.Close()
-	pool.Close()
 	lines := base()
 	lines[1] = fmt.Sprintf("data_dir = %q", dir)
 	lines[20] = `    size = "1MiB"`
@@ -345,7 +331,7 @@ func TestExistingVolumeBiggerThanSizeIsRefusedByThePool(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pool, err = backend.OpenPool(cfg.Server.DataDir)
+	pool, err := backend.OpenPool(cfg.Server.DataDir)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -27,6 +27,11 @@ import (
 // testPrefix makes every namespace name this test binary creates unique per run.
 var testPrefix = fmt.Sprintf("nsmx%d", os.Getpid())
 
+// patience bounds every wait for something that must happen (an event, a close, an answer). It
+// only turns a hang into a failure: a passing test waits as long as the event takes, and `make
+// test` runs this package beside the race-enabled e2e suites on two cores.
+const patience = 60 * time.Second
+
 func TestMain(m *testing.M) {
 	switch os.Getenv("NETNSMUX_HELPER") {
 	case "server":
@@ -195,7 +200,7 @@ func dialFrom(path, addr string) (net.Conn, ID, error) {
 		}
 		// The socket is created on this thread, so in this namespace; connect completes later
 		// on whatever thread, which does not matter any more.
-		c, err = net.DialTimeout("tcp", addr, 2*time.Second)
+		c, err = net.DialTimeout("tcp", addr, patience)
 		return err
 	})
 	if err != nil {
@@ -213,7 +218,7 @@ func dialFrom(path, addr string) (net.Conn, ID, error) {
 // readClientID reads the id a dialFrom client sent.
 func readClientID(c net.Conn) (ID, error) {
 	var b [8]byte
-	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	c.SetReadDeadline(time.Now().Add(patience))
 	if _, err := io.ReadFull(c, b[:]); err != nil {
 		return 0, err
 	}
@@ -264,8 +269,8 @@ func threadsAway() []string {
 // made, and no thread of the process is left in another network namespace.
 func checkNoLeaks(t testing.TB, fds0, g0 int) {
 	t.Helper()
-	waitFor(t, 5*time.Second, "fd count back to baseline", func() bool { return countFDs(t) <= fds0 })
-	waitFor(t, 5*time.Second, "goroutines back to baseline", func() bool { return runtime.NumGoroutine() <= g0 })
+	waitFor(t, patience, "fd count back to baseline", func() bool { return countFDs(t) <= fds0 })
+	waitFor(t, patience, "goroutines back to baseline", func() bool { return runtime.NumGoroutine() <= g0 })
 	if away := threadsAway(); len(away) != 0 {
 		t.Fatalf("threads left in tenant namespaces: %v", away)
 	}
@@ -346,15 +351,15 @@ func (r *recorder) replaced(name string, id, old ID) bool {
 	return false
 }
 
-// closedByServer returns nil if the peer of c closed it (EOF or reset) within 5 s.
+// closedByServer returns nil if the peer of c closed it (EOF or reset) within patience.
 func closedByServer(c net.Conn) error {
-	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	c.SetReadDeadline(time.Now().Add(patience))
 	_, err := c.Read(make([]byte, 1))
 	switch {
 	case err == nil:
 		return errors.New("still open: read data")
 	case errors.Is(err, os.ErrDeadlineExceeded):
-		return errors.New("not closed by the server within 5 s")
+		return fmt.Errorf("not closed by the server within %v", patience)
 	}
 	return nil
 }
@@ -382,7 +387,7 @@ func serve(t testing.TB, dir string, tweak func(*Mux)) (*Mux, *recorder) {
 	return m, rec
 }
 
-// acceptAndCheck accepts conns and verifies the id each client reports against the tag.
+// checker accepts conns (startChecker) and verifies the id each client reports against the tag.
 type checker struct {
 	mu         sync.Mutex
 	ok, bad    int
@@ -446,7 +451,7 @@ func ackedDial(path, addr string) (net.Conn, ID, error) {
 		return nil, 0, err
 	}
 	var b [1]byte
-	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	c.SetReadDeadline(time.Now().Add(patience))
 	if _, err := io.ReadFull(c, b[:]); err != nil {
 		c.Close()
 		return nil, 0, fmt.Errorf("no ack: %w", err)

@@ -377,7 +377,10 @@ func (m *Mux) acceptOn(l *listener, out []*Conn) []*Conn {
 				continue
 			case unix.EMFILE, unix.ENFILE, unix.ENOBUFS, unix.ENOMEM:
 				// Out of fds or memory: level-triggered epoll would spin; give the system a moment.
-				m.log.Error("netnsmux: accept", "netns", l.ns.name, "addr", l.addr, "err", errno)
+				// The condition lasts while it lasts: say so every few seconds, not every pass.
+				if n, ok := m.resourceLog.allow(time.Now()); ok {
+					m.log.Error("netnsmux: accept", "netns", l.ns.name, "addr", l.addr, "err", errno, "suppressed", n)
+				}
 				time.Sleep(10 * time.Millisecond)
 				return out
 			default:

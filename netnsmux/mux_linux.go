@@ -16,22 +16,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-func (k EventKind) String() string {
-	switch k {
-	case NamespaceAdded:
-		return "namespace-added"
-	case NamespaceRemoved:
-		return "namespace-removed"
-	case NamespaceReplaced:
-		return "namespace-replaced"
-	case ListenerUp:
-		return "listener-up"
-	case ListenerFailed:
-		return "listener-failed"
-	}
-	return fmt.Sprintf("EventKind(%d)", int(k))
-}
-
 // fdTableSize is how far New grows the fd table up front: the kernel doubles the table as fds
 // are allocated and every doubling of a multi-threaded process waits for an RCU grace period
 // (measured: 512 listeners 48-65 ms without, 12-16 ms with). 16384 slots cost 128 KiB once.
@@ -48,6 +32,9 @@ type Mux struct {
 	fallback           bool   // use the pre-6.18 identity scheme (cookie + dev/ino)
 	noFanotify         bool   // behave as on a kernel without FAN_MARK_MNTNS
 	beforeInotifyDrain func() // called by the epoll loop before it reads inotify events
+	// retryScheduled is called by the reconciler when a failed listen is scheduled for another
+	// try delay after failedAt (the time the next try is measured from).
+	retryScheduled func(name, addr string, failedAt time.Time, delay time.Duration)
 
 	kick      chan struct{} // cap 1: "something changed, rescan"
 	acceptq   chan *Conn
@@ -56,6 +43,8 @@ type Mux struct {
 	runExited chan struct{}
 	rewatch   atomic.Bool // the watched directory went away: re-create and re-watch it
 	dirReal   atomicString
+
+	resourceLog everyFew // accept failing for want of fds or memory
 
 	mismatches, overflows atomic.Uint64
 	fullPasses            atomic.Uint64 // reconcile passes that looked at every name (tests)
@@ -115,8 +104,7 @@ type connTrack struct {
 	once sync.Once
 }
 
-// Close closes the connection and forgets it.
-func (c *Conn) Close() error {
+func (c *Conn) close() error {
 	if c.track != nil {
 		c.track.once.Do(func() {
 			m := c.track.m
@@ -128,9 +116,9 @@ func (c *Conn) Close() error {
 	return c.TCPConn.Close()
 }
 
-// New prepares a Mux; nothing is watched until Run. It starts the worker pool (Do works before
-// Run); Close releases it.
-func New(opts Options) (*Mux, error) {
+// newMux, listen, unlisten, accept, do, stats, close and run are New and the Mux methods of
+// netnsmux.go, where they are documented.
+func newMux(opts Options) (*Mux, error) {
 	if opts.Dir == "" {
 		opts.Dir = "/run/netns"
 	}
@@ -219,9 +207,7 @@ func parseAddr(addr string) (netip.AddrPort, error) {
 	return ap, nil
 }
 
-// Listen asks for a listener on addr ("ip:port") inside the namespace called name, now if it
-// exists and whenever it (re)appears. It may be called before or while Run is running.
-func (m *Mux) Listen(name, addr string) error {
+func (m *Mux) listen(name, addr string) error {
 	if err := validName(name); err != nil {
 		return err
 	}
@@ -244,9 +230,7 @@ func (m *Mux) Listen(name, addr string) error {
 	return nil
 }
 
-// Unlisten withdraws a Listen; the listener is closed, accepted conns are left alone. When a
-// name has no listeners left its handle is released.
-func (m *Mux) Unlisten(name, addr string) {
+func (m *Mux) unlisten(name, addr string) {
 	m.mu.Lock()
 	if addrs := m.wanted[name]; addrs != nil {
 		delete(addrs, addr)
@@ -278,8 +262,7 @@ func (m *Mux) poke() {
 	}
 }
 
-// Accept returns the next accepted connection of any namespace.
-func (m *Mux) Accept(ctx context.Context) (*Conn, error) {
+func (m *Mux) accept(ctx context.Context) (*Conn, error) {
 	// Checked first: once closed, Accept says so even while conns (closed by teardown) are still
 	// queued; the select alone would pick at random between them and done.
 	if m.closed() {
@@ -298,11 +281,7 @@ func (m *Mux) Accept(ctx context.Context) (*Conn, error) {
 	}
 }
 
-// Do runs fn on a locked OS thread that is inside the named namespace (entering it only if the
-// thread is not there already). Use it to create sockets, netlink handles or open /proc/sys/net
-// files; never for I/O on existing sockets. fn must not itself call setns or unshare. A name
-// nobody Listens on is opened just for this call, and the thread leaves it afterwards.
-func (m *Mux) Do(ctx context.Context, name string, fn func() error) error {
+func (m *Mux) do(ctx context.Context, name string, fn func() error) error {
 	if err := validName(name); err != nil {
 		return err
 	}
@@ -342,8 +321,7 @@ func (m *Mux) unref(ns *nsState) {
 	}
 }
 
-// Stats returns the current counters.
-func (m *Mux) Stats() Stats {
+func (m *Mux) stats() Stats {
 	m.mu.Lock()
 	s := Stats{Namespaces: len(m.nss), Listeners: m.nlisten, Conns: len(m.conns)}
 	m.mu.Unlock()
@@ -355,8 +333,7 @@ func (m *Mux) Stats() Stats {
 	return s
 }
 
-// Close stops Run and releases everything; safe to call more than once.
-func (m *Mux) Close() error {
+func (m *Mux) close() error {
 	m.shutdown()
 	m.mu.Lock()
 	running := m.running
@@ -369,10 +346,7 @@ func (m *Mux) Close() error {
 	return nil
 }
 
-// Run watches the directory and accepts connections until ctx is done or Close is called, then
-// releases every listener, conn, handle and thread it holds before returning. It returns nil
-// after a normal stop and an error only if it could not start. The Mux cannot be run again.
-func (m *Mux) Run(ctx context.Context) error {
+func (m *Mux) run(ctx context.Context) error {
 	m.mu.Lock()
 	if m.closed() {
 		m.mu.Unlock()
@@ -576,4 +550,25 @@ func (a *atomicString) Load() string {
 		return *p
 	}
 	return ""
+}
+
+// everyFew lets a recurring condition be logged once per resourceLogEvery, counting the rest.
+type everyFew struct {
+	mu         sync.Mutex
+	last       time.Time
+	suppressed int
+}
+
+const resourceLogEvery = 5 * time.Second
+
+func (e *everyFew) allow(now time.Time) (suppressed int, ok bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if !e.last.IsZero() && now.Sub(e.last) < resourceLogEvery {
+		e.suppressed++
+		return 0, false
+	}
+	n := e.suppressed
+	e.last, e.suppressed = now, 0
+	return n, true
 }

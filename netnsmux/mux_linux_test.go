@@ -38,7 +38,7 @@ func TestAddDeleteReplaceWhileServing(t *testing.T) {
 
 	// add while serving
 	idA := mustMakeNS(t, dir, a)
-	waitFor(t, 5*time.Second, "listener up in a", func() bool { return rec.has(ListenerUp, a, idA) })
+	waitFor(t, patience, "listener up in a", func() bool { return rec.has(ListenerUp, a, idA) })
 	if !rec.has(NamespaceAdded, a, idA) {
 		t.Fatalf("no NamespaceAdded for %s/%d: %v", a, idA, rec.all())
 	}
@@ -51,7 +51,7 @@ func TestAddDeleteReplaceWhileServing(t *testing.T) {
 		t.Fatalf("client in a sees id %d, created %d", gotA, idA)
 	}
 	idB := mustMakeNS(t, dir, b)
-	waitFor(t, 5*time.Second, "listener up in b", func() bool { return rec.has(ListenerUp, b, idB) })
+	waitFor(t, patience, "listener up in b", func() bool { return rec.has(ListenerUp, b, idB) })
 	cb, _, err := ackedDial(pb, portal)
 	if err != nil {
 		t.Fatal(err)
@@ -62,7 +62,7 @@ func TestAddDeleteReplaceWhileServing(t *testing.T) {
 	if err := dropNS(pa); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "removal of a", func() bool { return rec.has(NamespaceRemoved, a, idA) })
+	waitFor(t, patience, "removal of a", func() bool { return rec.has(NamespaceRemoved, a, idA) })
 	if err := closedByServer(ca); err != nil {
 		t.Fatalf("conn of removed namespace: %v", err)
 	}
@@ -73,7 +73,7 @@ func TestAddDeleteReplaceWhileServing(t *testing.T) {
 		t.Fatal(err)
 	}
 	idB2 := mustMakeNS(t, dir, b)
-	waitFor(t, 5*time.Second, "listener up in new b", func() bool { return rec.has(ListenerUp, b, idB2) })
+	waitFor(t, patience, "listener up in new b", func() bool { return rec.has(ListenerUp, b, idB2) })
 	if idB2 == idB {
 		t.Fatal("kernel reused a namespace id")
 	}
@@ -107,7 +107,7 @@ func TestReplaceInOneStepIsReportedAsReplaced(t *testing.T) {
 		t.Fatal(err)
 	}
 	id1 := mustMakeNS(t, dir, name)
-	waitFor(t, 5*time.Second, "first up", func() bool { return rec.has(ListenerUp, name, id1) })
+	waitFor(t, patience, "first up", func() bool { return rec.has(ListenerUp, name, id1) })
 	old, _, err := ackedDial(path, portal)
 	if err != nil {
 		t.Fatal(err)
@@ -127,11 +127,11 @@ func TestReplaceInOneStepIsReportedAsReplaced(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { unix.Unmount(path, unix.MNT_DETACH) }) // the stacked mount; nsDir drops the rest
-	waitFor(t, 5*time.Second, "replaced", func() bool { return rec.replaced(name, id2, id1) })
+	waitFor(t, patience, "replaced", func() bool { return rec.replaced(name, id2, id1) })
 	if rec.has(NamespaceRemoved, name, 0) {
 		t.Fatalf("one-step replace reported as removal: %v", rec.all())
 	}
-	waitFor(t, 5*time.Second, "second up", func() bool { return rec.has(ListenerUp, name, id2) })
+	waitFor(t, patience, "second up", func() bool { return rec.has(ListenerUp, name, id2) })
 	if err := closedByServer(old); err != nil {
 		t.Fatalf("conn of the replaced namespace: %v", err)
 	}
@@ -156,12 +156,12 @@ func TestPlaceholderIsRetriedNotServedNorReported(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			waitFor(t, 5*time.Second, "listener up", func() bool { return rec.has(ListenerUp, name, id) })
+			waitFor(t, patience, "listener up", func() bool { return rec.has(ListenerUp, name, id) })
 			if fan {
 				// The bind mount must have been resolved (statmount) to the name, not turned into
 				// a full rescan. (Counted rather than asserting "no full pass": mounts made by
 				// other programs on the machine may legitimately cause some.)
-				waitFor(t, 5*time.Second, "mount attach attributed to the name", func() bool { return m.attachesSeen.Load() >= 1 })
+				waitFor(t, patience, "mount attach attributed to the name", func() bool { return m.attachesSeen.Load() >= 1 })
 			}
 			for _, e := range rec.all() {
 				if e.Err != nil || e.Kind == NamespaceRemoved || e.ID != id {
@@ -215,8 +215,8 @@ func TestPlaceholderRaceBurstsIPNetnsAndInProcess(t *testing.T) {
 		ipNetns(t, "add", n)
 	}
 	wg.Wait()
-	waitFor(t, 10*time.Second, "all ip-netns listeners", func() bool { return m.Stats().Listeners == nIP })
-	waitFor(t, 10*time.Second, "all in-process listeners", func() bool { return m2.Stats().Listeners == nProc })
+	waitFor(t, patience, "all ip-netns listeners", func() bool { return m.Stats().Listeners == nIP })
+	waitFor(t, patience, "all in-process listeners", func() bool { return m2.Stats().Listeners == nProc })
 	for _, r := range []*recorder{rec, rec2} {
 		for _, e := range r.all() {
 			if e.Err != nil || e.Kind == NamespaceRemoved {
@@ -239,7 +239,7 @@ func TestPlaceholderRaceBurstsIPNetnsAndInProcess(t *testing.T) {
 	for _, n := range ipNames {
 		ipNetns(t, "del", n)
 	}
-	waitFor(t, 10*time.Second, "all ip-netns namespaces released", func() bool {
+	waitFor(t, patience, "all ip-netns namespaces released", func() bool {
 		s := m.Stats()
 		return s.Namespaces == 0 && s.Listeners == 0
 	})
@@ -269,7 +269,7 @@ func TestInotifyOverflowStillConverges(t *testing.T) {
 	m.Listen(a, portal)
 	m.Listen(b, portal)
 	idA := mustMakeNS(t, dir, a)
-	waitFor(t, 5*time.Second, "a up", func() bool { return rec.has(ListenerUp, a, idA) })
+	waitFor(t, patience, "a up", func() bool { return rec.has(ListenerUp, a, idA) })
 
 	stall.Lock()
 	armed = true
@@ -297,7 +297,7 @@ func TestInotifyOverflowStillConverges(t *testing.T) {
 	armed = false
 	stall.Unlock()
 	close(release)
-	waitFor(t, 10*time.Second, "convergence after overflow", func() bool {
+	waitFor(t, patience, "convergence after overflow", func() bool {
 		return rec.has(NamespaceRemoved, a, idA) && rec.has(ListenerUp, b, idB)
 	})
 	if s := m.Stats(); s.Overflows == 0 {
@@ -320,10 +320,23 @@ func readInt(path string) int {
 func TestListenFailureRetriesWithBackoffWithoutDisturbingOthers(t *testing.T) {
 	dir := nsDir(t)
 	good, bad := testPrefix+"-good", testPrefix+"-lodown"
-	// Retry delays long enough that scheduling noise on a loaded 2-core machine (a preempted
-	// reconciler delays one timestamp by a few ms) cannot fake or hide the doubling.
 	const retryMin = 50 * time.Millisecond
-	m, rec := serve(t, dir, func(m *Mux) { m.opts.RetryMin, m.opts.RetryMax = retryMin, time.Second })
+	type retry struct {
+		failedAt time.Time
+		delay    time.Duration
+	}
+	var mu sync.Mutex
+	var retries []retry
+	m, rec := serve(t, dir, func(m *Mux) {
+		m.opts.RetryMin, m.opts.RetryMax = retryMin, time.Second
+		m.retryScheduled = func(name, _ string, failedAt time.Time, delay time.Duration) {
+			if name == bad {
+				mu.Lock()
+				retries = append(retries, retry{failedAt, delay})
+				mu.Unlock()
+			}
+		}
+	})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	ck := startChecker(ctx, m, false)
@@ -354,7 +367,7 @@ func TestListenFailureRetriesWithBackoffWithoutDisturbingOthers(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer squatter.Close()
-	waitFor(t, 10*time.Second, "first failure", func() bool { return rec.count(ListenerFailed, bad) >= 1 })
+	waitFor(t, patience, "first failure", func() bool { return rec.count(ListenerFailed, bad) >= 1 })
 	var fails []Event
 	for _, e := range rec.all() {
 		if e.Kind == ListenerFailed {
@@ -369,20 +382,29 @@ func TestListenFailureRetriesWithBackoffWithoutDisturbingOthers(t *testing.T) {
 	for i := 0; i < 3; i++ {
 		dialAndCheck(t, filepath.Join(dir, good), 0)
 	}
-	// Backoff: each retry is scheduled 50, 100, 200 ms after the previous failure. An event is
-	// stamped a little after its retry was scheduled (much later if the reconciler is preempted
-	// on a loaded machine), which can only shorten the gap that follows it, so only generous
-	// lower bounds: the whole span >= 3/4 of 350 ms and the last gap >= 1/2 of 200 ms. A fixed
-	// retry interval would give 150 and 50 ms.
-	waitFor(t, 10*time.Second, "four failures", func() bool { return rec.count(ListenerFailed, bad) >= 4 })
-	ts := rec.times(ListenerFailed, bad)
-	if span, last := ts[3].Sub(ts[0]), ts[3].Sub(ts[2]); span < 7*retryMin*3/4 || last < 4*retryMin/2 {
-		t.Fatalf("3 retries spanned %v (want >= %v), the last gap %v (want >= %v): no exponential backoff",
-			span, 7*retryMin*3/4, last, 4*retryMin/2)
+	// Backoff, judged on the reconciler's own clock rather than on when events reach us (a
+	// preempted goroutine would shift those): each retry is scheduled twice as far out as the one
+	// before, and no try comes before its scheduled time.
+	waitFor(t, patience, "four failures", func() bool { return rec.count(ListenerFailed, bad) >= 4 })
+	mu.Lock()
+	rs := append([]retry(nil), retries...)
+	mu.Unlock()
+	if len(rs) < 4 {
+		t.Fatalf("%d retries scheduled for %d failures", len(rs), rec.count(ListenerFailed, bad))
+	}
+	for i, want := range []time.Duration{retryMin, 2 * retryMin, 4 * retryMin, 8 * retryMin} {
+		if rs[i].delay != want {
+			t.Fatalf("retry %d scheduled after %v, want %v: no exponential backoff", i+1, rs[i].delay, want)
+		}
+		if i > 0 {
+			if gap := rs[i].failedAt.Sub(rs[i-1].failedAt); gap < rs[i-1].delay {
+				t.Fatalf("try %d came %v after the previous failure, before its retry delay %v", i+1, gap, rs[i-1].delay)
+			}
+		}
 	}
 	// The port is freed; the retry brings the listener up.
 	squatter.Close()
-	waitFor(t, 5*time.Second, "listener up after fix", func() bool { return rec.has(ListenerUp, bad, idBad) })
+	waitFor(t, patience, "listener up after fix", func() bool { return rec.has(ListenerUp, bad, idBad) })
 	dialAndCheck(t, filepath.Join(dir, bad), idBad)
 	if _, badN := ck.counts(); badN != 0 {
 		t.Fatal("mismatch")
@@ -400,7 +422,7 @@ func TestUnwantedNamespacesAreNeverOpened(t *testing.T) {
 	m, rec := serve(t, dir, nil)
 	m.Listen(mine, portal)
 	id := mustMakeNS(t, dir, mine)
-	waitFor(t, 5*time.Second, "up", func() bool { return rec.has(ListenerUp, mine, id) })
+	waitFor(t, patience, "up", func() bool { return rec.has(ListenerUp, mine, id) })
 	link := fmt.Sprintf("net:[%d]", st.Ino)
 	ents, _ := os.ReadDir("/proc/self/fd")
 	for _, e := range ents {
@@ -422,7 +444,7 @@ func TestUnlistenClosesListenerAndReleasesHandle(t *testing.T) {
 	m.Listen(name, portal)
 	m.Listen(name, "127.0.0.1:3261")
 	id := mustMakeNS(t, dir, name)
-	waitFor(t, 5*time.Second, "two up", func() bool { return m.Stats().Listeners == 2 && rec.has(ListenerUp, name, id) })
+	waitFor(t, patience, "two up", func() bool { return m.Stats().Listeners == 2 && rec.has(ListenerUp, name, id) })
 	client, _, err := dialFrom(filepath.Join(dir, name), portal)
 	if err != nil {
 		t.Fatal(err)
@@ -434,7 +456,7 @@ func TestUnlistenClosesListenerAndReleasesHandle(t *testing.T) {
 	}
 	defer server.Close()
 	m.Unlisten(name, "127.0.0.1:3261")
-	waitFor(t, 5*time.Second, "one listener", func() bool { return m.Stats().Listeners == 1 })
+	waitFor(t, patience, "one listener", func() bool { return m.Stats().Listeners == 1 })
 	if err := onThreadIn(filepath.Join(dir, name), func() error {
 		c, err := net.DialTimeout("tcp", "127.0.0.1:3261", time.Second)
 		if err == nil {
@@ -446,13 +468,13 @@ func TestUnlistenClosesListenerAndReleasesHandle(t *testing.T) {
 		t.Fatal(err)
 	}
 	m.Unlisten(name, portal)
-	waitFor(t, 5*time.Second, "handle released", func() bool { s := m.Stats(); return s.Namespaces == 0 && s.Listeners == 0 })
+	waitFor(t, patience, "handle released", func() bool { s := m.Stats(); return s.Namespaces == 0 && s.Listeners == 0 })
 	// The accepted conn is left alone.
 	if _, err := server.Write([]byte("x")); err != nil {
 		t.Fatal(err)
 	}
 	buf := make([]byte, 1)
-	client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	client.SetReadDeadline(time.Now().Add(patience))
 	if _, err := io.ReadFull(client, buf); err != nil || buf[0] != 'x' {
 		t.Fatalf("conn after Unlisten: %v %q", err, buf)
 	}
@@ -476,7 +498,7 @@ func TestCloseLeavesNoFDsGoroutinesOrThreadsInTenantNamespaces(t *testing.T) {
 	for i := 0; i < n; i++ {
 		m.Listen(fmt.Sprintf("%s-c%d", testPrefix, i), portal)
 	}
-	waitFor(t, 5*time.Second, "listeners", func() bool { return m.Stats().Listeners == n })
+	waitFor(t, patience, "listeners", func() bool { return m.Stats().Listeners == n })
 	var conns []net.Conn
 	for i := 0; i < n; i++ {
 		c, _, err := dialFrom(filepath.Join(dir, fmt.Sprintf("%s-c%d", testPrefix, i)), portal)
@@ -531,12 +553,12 @@ func TestFallbackIdentityWithoutNSGetID(t *testing.T) {
 	for i := 0; i < 20; i++ {
 		id := mustMakeNS(t, dir, name)
 		// On 6.18 the socket cookie equals NS_GET_ID, so the fallback's id must be the real one.
-		waitFor(t, 5*time.Second, "up", func() bool { return rec.has(ListenerUp, name, id) })
+		waitFor(t, patience, "up", func() bool { return rec.has(ListenerUp, name, id) })
 		dialAndCheck(t, path, id)
 		if err := dropNS(path); err != nil {
 			t.Fatal(err)
 		}
-		waitFor(t, 5*time.Second, "removed", func() bool { return rec.has(NamespaceRemoved, name, id) })
+		waitFor(t, patience, "removed", func() bool { return rec.has(NamespaceRemoved, name, id) })
 	}
 	if ok, bad := ck.counts(); ok != 20 || bad != 0 {
 		t.Fatalf("ok=%d bad=%d", ok, bad)
@@ -572,7 +594,7 @@ func TestAcceptedSocketFromWrongNamespaceIsClosedAndCounted(t *testing.T) {
 	}
 	defer c.Close()
 	var out []*Conn
-	waitFor(t, 5*time.Second, "accept attempt", func() bool {
+	waitFor(t, patience, "accept attempt", func() bool {
 		out = m.acceptOn(l, out)
 		return m.Stats().Mismatches > 0 || len(out) > 0
 	})
@@ -593,7 +615,7 @@ func TestConnsAreClosedWithTheirNamespaceEvenAcrossUnlistenAndListen(t *testing.
 	m, rec := serve(t, dir, nil)
 	m.Listen(name, portal)
 	id := mustMakeNS(t, dir, name)
-	waitFor(t, 5*time.Second, "up", func() bool { return rec.has(ListenerUp, name, id) })
+	waitFor(t, patience, "up", func() bool { return rec.has(ListenerUp, name, id) })
 	client, _, err := dialFrom(path, portal)
 	if err != nil {
 		t.Fatal(err)
@@ -605,10 +627,10 @@ func TestConnsAreClosedWithTheirNamespaceEvenAcrossUnlistenAndListen(t *testing.
 	}
 	defer server.Close()
 	m.Unlisten(name, portal)
-	waitFor(t, 5*time.Second, "handle released", func() bool { s := m.Stats(); return s.Namespaces == 0 && s.Listeners == 0 })
+	waitFor(t, patience, "handle released", func() bool { s := m.Stats(); return s.Namespaces == 0 && s.Listeners == 0 })
 	m.Listen(name, portal)
 	// Events, not gauges: the gauges cannot tell the new listener from the old one.
-	waitFor(t, 5*time.Second, "listening again", func() bool { return rec.count(ListenerUp, name) == 2 })
+	waitFor(t, patience, "listening again", func() bool { return rec.count(ListenerUp, name) == 2 })
 	if err := dropNS(path); err != nil {
 		t.Fatal(err)
 	}
@@ -627,7 +649,7 @@ func TestSlowAcceptDoesNotStallDiscovery(t *testing.T) {
 	m.Listen(busy, portal)
 	m.Listen(other, portal)
 	idBusy, idOther := mustMakeNS(t, dir, busy), mustMakeNS(t, dir, other)
-	waitFor(t, 5*time.Second, "up", func() bool { return rec.count(ListenerUp, "") == 2 })
+	waitFor(t, patience, "up", func() bool { return rec.count(ListenerUp, "") == 2 })
 	n := cap(m.acceptq) + 200
 	var clients []net.Conn
 	t.Cleanup(func() {
@@ -637,7 +659,7 @@ func TestSlowAcceptDoesNotStallDiscovery(t *testing.T) {
 	})
 	if err := onThreadIn(filepath.Join(dir, busy), func() error {
 		for i := 0; i < n; i++ {
-			c, err := net.DialTimeout("tcp", portal, 5*time.Second)
+			c, err := net.DialTimeout("tcp", portal, patience)
 			if err != nil {
 				return fmt.Errorf("dial %d: %w", i, err)
 			}
@@ -647,12 +669,12 @@ func TestSlowAcceptDoesNotStallDiscovery(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, "accept queue full", func() bool { return m.Stats().Conns > cap(m.acceptq) })
+	waitFor(t, patience, "accept queue full", func() bool { return m.Stats().Conns > cap(m.acceptq) })
 	if err := dropNS(filepath.Join(dir, other)); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "removal seen while nobody Accepts", func() bool { return rec.has(NamespaceRemoved, other, idOther) })
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	waitFor(t, patience, "removal seen while nobody Accepts", func() bool { return rec.has(NamespaceRemoved, other, idOther) })
+	ctx, cancel := context.WithTimeout(context.Background(), patience)
 	defer cancel()
 	for i := 0; i < n; i++ {
 		c, err := m.Accept(ctx)

@@ -14,13 +14,16 @@
 //
 // Importing this package locks the main goroutine to the main OS thread (runtime.LockOSThread
 // in init), so that no tenant namespace is ever entered on the main thread; see pool_linux.go.
-// Linux only. Design, identity rules, the pre-6.18 fallback and measured numbers: README.md.
+// Design, identity rules, the pre-6.18 fallback and measured numbers: README.md.
 //
-// This file holds the exported types; Mux and its methods live in mux_linux.go.
+// This file is the whole exported API, the same on every OS, so importers build anywhere. It
+// works on Linux (the _linux.go files); elsewhere New fails with "not supported" (mux_other.go).
 package netnsmux
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"time"
@@ -55,6 +58,22 @@ const (
 	ListenerUp                             // Addr is accepting inside Namespace
 	ListenerFailed                         // listening on Addr inside Namespace failed; Err says why; retried
 )
+
+func (k EventKind) String() string {
+	switch k {
+	case NamespaceAdded:
+		return "namespace-added"
+	case NamespaceRemoved:
+		return "namespace-removed"
+	case NamespaceReplaced:
+		return "namespace-replaced"
+	case ListenerUp:
+		return "listener-up"
+	case ListenerFailed:
+		return "listener-failed"
+	}
+	return fmt.Sprintf("EventKind(%d)", int(k))
+}
 
 // Event is reported to Options.OnEvent.
 type Event struct {
@@ -91,3 +110,38 @@ type Stats struct {
 	Overflows  uint64 // IN_Q_OVERFLOW events seen (each triggered a full rescan)
 	Discarded  uint64 // worker threads discarded because switching back home failed
 }
+
+// Close closes the connection and forgets it.
+func (c *Conn) Close() error { return c.close() }
+
+// New prepares a Mux; nothing is watched until Run. It starts the worker pool (Do works before
+// Run); Close releases it.
+func New(opts Options) (*Mux, error) { return newMux(opts) }
+
+// Listen asks for a listener on addr ("ip:port") inside the namespace called name, now if it
+// exists and whenever it (re)appears. It may be called before or while Run is running.
+func (m *Mux) Listen(name, addr string) error { return m.listen(name, addr) }
+
+// Unlisten withdraws a Listen; the listener is closed, accepted conns are left alone. When a
+// name has no listeners left its handle is released.
+func (m *Mux) Unlisten(name, addr string) { m.unlisten(name, addr) }
+
+// Accept returns the next accepted connection of any namespace.
+func (m *Mux) Accept(ctx context.Context) (*Conn, error) { return m.accept(ctx) }
+
+// Do runs fn on a locked OS thread that is inside the named namespace (entering it only if the
+// thread is not there already). Use it to create sockets, netlink handles or open /proc/sys/net
+// files; never for I/O on existing sockets. fn must not itself call setns or unshare. A name
+// nobody Listens on is opened just for this call, and the thread leaves it afterwards.
+func (m *Mux) Do(ctx context.Context, name string, fn func() error) error { return m.do(ctx, name, fn) }
+
+// Run watches the directory and accepts connections until ctx is done or Close is called, then
+// releases every listener, conn, handle and thread it holds before returning. It returns nil
+// after a normal stop and an error only if it could not start. The Mux cannot be run again.
+func (m *Mux) Run(ctx context.Context) error { return m.run(ctx) }
+
+// Stats returns the current counters.
+func (m *Mux) Stats() Stats { return m.stats() }
+
+// Close stops Run and releases everything; safe to call more than once.
+func (m *Mux) Close() error { return m.close() }

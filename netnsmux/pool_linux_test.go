@@ -12,7 +12,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -46,15 +45,15 @@ func TestFailedSwitchBackDiscardsTheThread(t *testing.T) {
 	if seen != id {
 		t.Fatalf("fn ran in namespace %d, want %d", seen, id)
 	}
-	waitFor(t, 5*time.Second, "thread discarded", func() bool { return m.Stats().Discarded == 1 })
-	waitFor(t, 5*time.Second, "thread gone", func() bool { return !taskAlive(tid) })
+	waitFor(t, patience, "thread discarded", func() bool { return m.Stats().Discarded == 1 })
+	waitFor(t, patience, "thread gone", func() bool { return !taskAlive(tid) })
 	// A fresh worker on a fresh thread serves the next call, in the right namespace.
 	tid2, seen := doWhere(t, m, name)
 	if tid2 == tid || seen != id {
 		t.Fatalf("second Do on tid %d (first %d) in ns %d", tid2, tid, seen)
 	}
 	// And it went home afterwards (name not held): no thread of ours is left in the tenant.
-	waitFor(t, 5*time.Second, "worker home", func() bool { return len(threadsAway()) == 0 })
+	waitFor(t, patience, "worker home", func() bool { return len(threadsAway()) == 0 })
 	if away := threadsAway(); len(away) != 0 {
 		t.Fatal(away)
 	}
@@ -68,7 +67,7 @@ func TestDoIsLazyAndCountsSwitchesAndSkips(t *testing.T) {
 	m, rec := serve(t, dir, func(m *Mux) {})
 	m.Listen(a, portal)
 	m.Listen(b, portal)
-	waitFor(t, 5*time.Second, "up", func() bool { return rec.has(ListenerUp, a, idA) && rec.has(ListenerUp, b, idB) })
+	waitFor(t, patience, "up", func() bool { return rec.has(ListenerUp, a, idA) && rec.has(ListenerUp, b, idB) })
 	check := func(name string, want ID) {
 		t.Helper()
 		if _, got := doWhere(t, m, name); got != want {
@@ -101,7 +100,7 @@ func TestDoIsLazyAndCountsSwitchesAndSkips(t *testing.T) {
 	if err := dropNS(filepath.Join(dir, b)); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "workers home", func() bool { return m.Stats().Namespaces == 0 && len(threadsAway()) == 0 })
+	waitFor(t, patience, "workers home", func() bool { return m.Stats().Namespaces == 0 && len(threadsAway()) == 0 })
 }
 
 func TestWorkersRunConcurrentlyAndStayLocked(t *testing.T) {
@@ -117,7 +116,7 @@ func TestWorkersRunConcurrentlyAndStayLocked(t *testing.T) {
 	for _, n := range names {
 		m.Listen(n, portal)
 	}
-	waitFor(t, 5*time.Second, "up", func() bool { return rec.count(ListenerUp, "") == len(names) })
+	waitFor(t, patience, "up", func() bool { return rec.count(ListenerUp, "") == len(names) })
 	var wg sync.WaitGroup
 	var bad atomic.Int32
 	var mu sync.Mutex
@@ -194,15 +193,15 @@ func TestWatchedDirectoryRemovedAndRecreated(t *testing.T) {
 	name := testPrefix + "-dir"
 	m, rec := serve(t, dir, nil)
 	m.Listen(name, portal)
-	waitFor(t, 5*time.Second, "Run watching", func() bool { return m.fullPasses.Load() >= 1 })
+	waitFor(t, patience, "Run watching", func() bool { return m.fullPasses.Load() >= 1 })
 	if err := os.Remove(dir); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "dir re-created", func() bool { _, err := os.Stat(dir); return err == nil })
+	waitFor(t, patience, "dir re-created", func() bool { _, err := os.Stat(dir); return err == nil })
 	id, err := makeNS(filepath.Join(dir, name), true, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { dropNS(filepath.Join(dir, name)) })
-	waitFor(t, 5*time.Second, "served in re-created dir", func() bool { return rec.has(ListenerUp, name, id) })
+	waitFor(t, patience, "served in re-created dir", func() bool { return rec.has(ListenerUp, name, id) })
 }

@@ -209,6 +209,9 @@ func (m *Mux) reconcile(ctx context.Context) time.Time {
 			}
 			l.failures++
 			l.nextTry = now.Add(d)
+			if m.retryScheduled != nil {
+				m.retryScheduled(l.ns.name, l.addr, now, d)
+			}
 			m.retrying[l.ns.name] = struct{}{}
 			later(l.nextTry)
 			m.emit(Event{Kind: ListenerFailed, Namespace: l.ns.name, ID: l.ns.id, Addr: l.addr, Err: errs[i]})

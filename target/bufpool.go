@@ -50,3 +50,15 @@ func (p *bufPool) put(b *[]byte) {
 	}
 	p.classes[c].Put(b)
 }
+
+// syncPool is a typed sync.Pool of *T that allocates a zero T when empty.
+type syncPool[T any] struct{ p sync.Pool }
+
+func (sp *syncPool[T]) get() *T {
+	if v := sp.p.Get(); v != nil {
+		return v.(*T)
+	}
+	return new(T)
+}
+
+func (sp *syncPool[T]) put(v *T) { sp.p.Put(v) }

@@ -18,13 +18,15 @@ import (
 	"nstarget/target/scsi"
 )
 
-// conn is one TCP connection. Goroutines: the ServeConn caller runs login and then the reader
-// loop (it owns parsing, Data-Out placement, R2T issue and task management, and runs fast SCSI
-// commands inline); writeLoop drains the write queue, which the reader also flushes itself
-// before it blocks (every write to nc happens under wlock); pingLoop only queues NOP-Ins; while
-// the backend is slow each SCSI command runs in its own goroutine (counted in execs) from its
-// last data byte to queueing its response. serve waits for all of them before it returns, and
-// kill (closing nc) is what stops them.
+// conn is the I/O edge of one TCP connection: it reads PDUs, steps the session core with
+// them, writes what the core queues and runs the commands it hands out.
+//
+// Goroutines: the ServeConn caller runs login, then the reader loop (it also runs fast SCSI
+// commands inline and flushes the write queue itself before it blocks); writeLoop drains the
+// write queue when kicked; the tick timer (time.AfterFunc, no goroutine while waiting) steps
+// the core's clock; while the backend is slow each SCSI command runs in its own goroutine
+// (counted in execs). Every step of the core happens under mu; every write to nc under wlock.
+// kill (closing nc) stops them all; serve waits for every one before it returns.
 type conn struct {
 	srv    *Server
 	nc     net.Conn
@@ -38,43 +40,33 @@ type conn struct {
 	killOnce sync.Once
 	stop     chan struct{} // closed by kill
 	done     chan struct{} // closed when serve returns
+	loggedIn atomic.Bool
 
-	wmu          sync.Mutex // guards wq
-	wq           []*outPDU
+	mu      sync.Mutex // guards core and ticking
+	core    *core
+	tk      *time.Timer
+	ticking bool
+
+	// Mirrors of the core's send queue for the lock-free checks of the hot path.
 	pending      atomic.Int32 // PDUs queued and not yet taken by a flush
 	pendingBytes atomic.Int64 // their data bytes
-	readerBusy   atomic.Bool  // reader is handling a PDU and flushes before it blocks
-	wsig         chan struct{}
-	wlock        sync.Mutex // held by whoever writes to nc; guards everything below
-	statSN       uint32
-	nb           net.Buffers
-	iov          [][]byte
-	spare        []*outPDU
-	wdone        chan struct{} // closed when writeLoop returns
-	pdone        chan struct{} // closed when pingLoop returns
-	loggedIn     atomic.Bool
+	readerBusy   atomic.Bool  // the reader is handling a PDU and flushes before it blocks
+	endAfter     atomic.Bool  // close once the queue is written
 
-	tmu     sync.Mutex
-	tasks   map[uint32]*task
-	execs   sync.WaitGroup
-	nextTTT uint32 // reader-owned
+	wsig  chan struct{} // kicks the writer
+	space chan struct{} // kicked when output drained or time passed: input may resume
+	wdone chan struct{} // closed when writeLoop returns
 
-	bufBytes    atomic.Int64 // data buffer bytes held by this connection's tasks
-	immInflight atomic.Int32 // immediate SCSI commands not yet recycled
-	recvSeen    atomic.Bool
-	lastExecNs  atomic.Int64 // duration of the latest Execute: picks inline vs goroutine
-	pingTTT     uint32
+	writerStarted bool // set by serve before it starts writeLoop
 
-	text textState // reader-owned
-	cid  uint16    // connection ID from login
-}
+	wlock sync.Mutex // held by whoever writes to nc; guards the fields below
+	nb    net.Buffers
+	iov   [][]byte
+	spare []*outPDU
 
-type textState struct {
-	itt     uint32
-	partial []byte // request text received with the C bit
-	pending []byte // answer bytes still to send (long SendTargets)
-	final   bool   // pending holds a complete answer
-	ttt     uint32
+	execs      sync.WaitGroup
+	lastExecNs atomic.Int64 // duration of the latest Execute: picks inline vs goroutine
+	run        []*task      // reader-owned scratch for run actions
 }
 
 func newConn(s *Server, nc net.Conn, t *Tenant, attrs []slog.Attr) *conn {
@@ -91,9 +83,8 @@ func newConn(s *Server, nc net.Conn, t *Tenant, attrs []slog.Attr) *conn {
 		stop:   make(chan struct{}),
 		done:   make(chan struct{}),
 		wsig:   make(chan struct{}, 1),
+		space:  make(chan struct{}, 1),
 		wdone:  make(chan struct{}),
-		pdone:  make(chan struct{}),
-		tasks:  make(map[uint32]*task),
 	}
 	c.br = bufio.NewReaderSize(newSocketReader(nc, &c.pending), 64<<10)
 	c.pr.r = c.br
@@ -108,11 +99,8 @@ func (c *conn) kill() {
 	})
 }
 
-var errLogout = errors.New("logged out")
-
 func (c *conn) serve(ctx context.Context) (err error) {
 	defer close(c.done)
-	writerStarted := false
 	stopCtx := context.AfterFunc(ctx, c.kill)
 	defer stopCtx()
 	defer func() {
@@ -120,16 +108,7 @@ func (c *conn) serve(ctx context.Context) (err error) {
 			c.log.Error("panic in connection; closing it", "panic", r, "stack", string(debug.Stack()))
 			err = fmt.Errorf("target: panic: %v", r)
 		}
-		c.kill()
-		if writerStarted {
-			<-c.wdone
-			<-c.pdone
-		}
-		c.execs.Wait()
-		if ss := c.sess; ss != nil && !ss.discovery {
-			c.srv.release(ss)
-			ss.tg.dev.NexusLoss(&ss.nexus)
-		}
+		c.finish()
 		c.log.Debug("connection ended", "err", err)
 	}()
 	if err := c.login(); err != nil {
@@ -139,11 +118,11 @@ func (c *conn) serve(ctx context.Context) (err error) {
 		c.log.Info("login failed", "err", err)
 		return err
 	}
-	writerStarted = true
+	c.writerStarted = true
 	go c.writeLoop()
-	go c.pingLoop()
+	c.startTicking()
 	err = c.readLoop()
-	if errors.Is(err, errLogout) || errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
+	if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
 		return nil
 	}
 	select {
@@ -153,6 +132,46 @@ func (c *conn) serve(ctx context.Context) (err error) {
 	}
 	c.log.Info("connection closed", "err", err)
 	return err
+}
+
+// finish stops everything the connection started and gives back everything it held, in the
+// order that makes that safe: no more input or output, then close the core, then let running
+// commands complete into the closed core.
+func (c *conn) finish() {
+	c.kill()
+	if c.core == nil {
+		c.releaseSession()
+		return
+	}
+	if c.writerStarted {
+		<-c.wdone
+	}
+	c.mu.Lock()
+	c.ticking = false
+	if c.tk != nil {
+		c.tk.Stop()
+	}
+	c.core.close()
+	logs := c.collectLocked()
+	c.mu.Unlock()
+	c.carryOut(logs)
+	c.execs.Wait()
+	c.mu.Lock()
+	clean := c.core.heldNothing()
+	held := c.core.held
+	c.mu.Unlock()
+	if !clean {
+		// A bug, not a tenant's doing: say exactly what leaked.
+		c.log.Error("connection ended holding resources", "commands", held[resCommands], "bytes", held[resBytes])
+	}
+	c.releaseSession()
+}
+
+func (c *conn) releaseSession() {
+	if ss := c.sess; ss != nil && !ss.discovery {
+		c.srv.release(ss)
+		ss.tg.dev.NexusLoss(&ss.nexus)
+	}
 }
 
 // --- login ---
@@ -172,8 +191,7 @@ func (e connLoginEnv) findTarget(name, initiator string) (*Target, uint16) {
 
 func (e connLoginEnv) complete(ls *loginState) (uint16, uint16) {
 	c := e.c
-	ss := &session{discovery: ls.discovery, tg: ls.target, params: ls.params, conn: c}
-	ss.win = cmdWindow{expCmdSN: ls.expCmdSN, depth: uint32(c.srv.opts.QueueDepth)}
+	ss := &session{discovery: ls.discovery, tg: ls.target, conn: c, cid: ls.cid}
 	c.params = ls.params
 	// Discovery sessions need the initiator name too: SendTargets honours allow-lists.
 	ss.key = sessionKey{tg: ls.target, initiator: ls.initiatorName, isid: ls.isid}
@@ -187,7 +205,7 @@ func (e connLoginEnv) complete(ls *loginState) (uint16, uint16) {
 		ISID:            ls.isid,
 		TargetName:      ls.target.cfg.IQN,
 		RelTargetPortID: 1,
-		TPGT:            1,
+		TPGT:            tpgt,
 	}
 	tsih, st := c.srv.admit(ss)
 	if st == 0 {
@@ -202,7 +220,6 @@ func (c *conn) login() error {
 	ls := newLoginState(connLoginEnv{c}, c.srv.policy, uint32(c.srv.opts.QueueDepth))
 	c.nc.SetDeadline(time.Now().Add(loginTimeout))
 	defer c.nc.SetDeadline(time.Time{})
-	var out []byte
 	for !ls.done {
 		f, err := c.pr.readFrame(maxLoginData)
 		if err != nil {
@@ -210,21 +227,24 @@ func (c *conn) login() error {
 		}
 		resp, data, fail := ls.step(f)
 		if ls.done {
-			// From here on Shutdown queues its logout request instead of cutting the
-			// connection; the writer sends it after this final login response.
-			c.loggedIn.Store(true)
+			// The core exists before the final response is written: from here on Shutdown
+			// queues its logout request behind that response instead of cutting the
+			// connection.
+			c.startCore(ls)
 		}
-		out = appendPDU(out[:0], &resp, nil, data, false, false)
-		if _, err := c.nc.Write(out); err != nil {
+		var p outPDU
+		*p.bhs() = resp
+		p.bhs().setDataLen(len(data))
+		p.data = data
+		nb := net.Buffers(appendIOV(nil, &p, false, false))
+		if _, err := nb.WriteTo(c.nc); err != nil {
 			return fmt.Errorf("write login response: %w", err)
 		}
 		if fail {
 			return fmt.Errorf("login refused with status 0x%04x (initiator %q target %q)",
-				uint16(resp[36])<<8|uint16(resp[37]), ls.initiatorName, ls.targetName)
+				binary.BigEndian.Uint16(resp[offLoginStatus:]), ls.initiatorName, ls.targetName)
 		}
 	}
-	c.statSN = ls.statSN
-	c.cid = ls.cid
 	c.pr.headerDigest = c.params.HeaderDigest
 	c.pr.dataDigest = c.params.DataDigest
 	kind := "normal"
@@ -240,64 +260,279 @@ func (c *conn) login() error {
 	return nil
 }
 
-// --- writer ---
+// startCore makes the session core of a completed login.
+func (c *conn) startCore(ls *loginState) {
+	o := &c.srv.opts
+	cr := newCore(coreConfig{
+		p:          c.params,
+		sess:       c.sess,
+		tenant:     c.tenant,
+		led:        c.srv.ledger,
+		bufs:       &c.srv.bufs,
+		portal:     portalAddr(c.nc.LocalAddr()),
+		depth:      uint32(o.QueueDepth),
+		statSN:     ls.statSN,
+		expCmdSN:   ls.expCmdSN,
+		connBytes:  connBufBudget,
+		nopEvery:   1,
+		nopTimeout: ticksIn(o.NopTimeout, o.NopInterval),
+		stallTicks: ticksIn(o.NopTimeout, o.NopInterval),
+	})
+	c.mu.Lock()
+	c.core = cr
+	c.mu.Unlock()
+	c.loggedIn.Store(true)
+}
 
-// statSN modes of an outgoing PDU.
+// connBufBudget bounds data buffers held by one connection's commands.
+const connBufBudget = 256 << 20
+
+// ticksIn converts d into whole ticks of length tick, at least one.
+func ticksIn(d, tick time.Duration) int { return max(1, int((d+tick-1)/tick)) }
+
+func portalAddr(a net.Addr) string {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		ip := ta.IP
+		if ip4 := ip.To4(); ip4 != nil {
+			return ip4.String() + ":" + strconv.Itoa(ta.Port)
+		}
+		return "[" + ip.String() + "]:" + strconv.Itoa(ta.Port)
+	}
+	return a.String()
+}
+
+// --- stepping the core ---
+
+// collectLocked takes the actions of the last steps out of the core: it returns the logs for
+// carryOut, applies the end mode and mirrors the send queue. Only input events hand out
+// commands, and the reader takes those with collectRunLocked. Caller holds mu.
+func (c *conn) collectLocked() []logRecord {
+	a := c.core.ready()
+	var logs []logRecord
+	if len(a.logs) > 0 {
+		logs = append(logs, a.logs...)
+	}
+	if len(a.run) > 0 {
+		panic("target: the core handed out commands outside an input event")
+	}
+	switch a.end {
+	case endNow:
+		defer c.kill()
+	case endAfterSend:
+		c.endAfter.Store(true)
+	}
+	a.end = endNone
+	c.pending.Store(int32(len(a.send)))
+	c.pendingBytes.Store(c.core.queuedBytes())
+	c.core.advance()
+	return logs
+}
+
+// collectRunLocked is collectLocked for the reader, which also takes the commands to run.
+func (c *conn) collectRunLocked() []logRecord {
+	a := c.core.ready()
+	c.run = append(c.run[:0], a.run...)
+	clear(a.run)
+	a.run = a.run[:0]
+	return c.collectLocked()
+}
+
+// carryOut logs what the core asked to log, rate-limiting refusals per tenant and reason.
+func (c *conn) carryOut(logs []logRecord) {
+	for _, r := range logs {
+		if r.limited != "" {
+			c.srv.refused(c.log, c.tenant, r.limited, r.msg, r.attrs...)
+			continue
+		}
+		c.log.Log(context.Background(), r.level, r.msg, r.attrs...)
+	}
+	if c.endAfter.Load() {
+		c.kick()
+	}
+}
+
+// --- reader ---
+
+func (c *conn) readLoop() error {
+	var h bhs
+	for {
+		if c.br.Buffered() < bhsLen {
+			// About to block for input: write what this goroutine produced first.
+			c.readerBusy.Store(false)
+			c.readerFlush()
+		}
+		ahs, err := c.pr.readHeader(&h)
+		if err != nil {
+			c.readerBusy.Store(false)
+			return fmt.Errorf("read PDU header: %w", err)
+		}
+		c.readerBusy.Store(true)
+		var l landing
+		for {
+			c.mu.Lock()
+			l = c.core.header(&h, ahs)
+			logs := c.collectRunLocked()
+			c.mu.Unlock()
+			c.carryOut(logs)
+			c.runAll()
+			if !l.wait {
+				break
+			}
+			// Back-pressure: the peer is not reading what we owe it (or its tenant is at
+			// its limit). Stop reading until output drains; the core's clock closes the
+			// connection if that never happens.
+			c.readerBusy.Store(false)
+			c.readerFlush()
+			select {
+			case <-c.space:
+			case <-c.stop:
+				return net.ErrClosed
+			}
+			c.readerBusy.Store(true)
+		}
+		digestOK := true
+		switch {
+		case l.buf != nil:
+			if err := c.pr.readData(l.buf); errors.Is(err, errDigest) {
+				digestOK = false
+			} else if err != nil {
+				return err
+			}
+		case l.skip > 0:
+			if err := c.pr.discard(l.skip); err != nil {
+				return err
+			}
+		}
+		c.mu.Lock()
+		c.core.data(digestOK)
+		logs := c.collectRunLocked()
+		c.mu.Unlock()
+		c.carryOut(logs)
+		c.runAll()
+		if c.pending.Load() >= 32 || c.pendingBytes.Load() > readerFlushLimit {
+			c.readerFlush()
+		}
+	}
+}
+
+// --- execution ---
+
 const (
-	snNone    = iota // PDU has no StatSN field (Data-In without status)
-	snCarry          // carries the next StatSN without consuming it (R2T, NOP-In ping)
-	snAdvance        // consumes a StatSN
+	inlineThresholdNs = 150_000
+	inlineMaxBytes    = 256 << 10
 )
 
-type outPDU struct {
-	hdr    [bhsLen + 4]byte
-	ddig   [4]byte
-	data   []byte
-	snMode uint8
-	t      *task  // set: suppressed once the task is aborted
-	last   bool   // recycle t after this PDU
-	skip   bool   // nothing to write (release marker)
-	after  func() // run after the write (logout: close)
-}
-
-var outPool = sync.Pool{New: func() any { return new(outPDU) }}
-
-func getOut() *outPDU {
-	p := outPool.Get().(*outPDU)
-	*p = outPDU{}
-	return p
-}
-
-func (p *outPDU) bhs() *bhs { return (*bhs)(p.hdr[:bhsLen]) }
-
-// queue hands PDUs to the writer in order; it never blocks on the network. While the reader
-// goroutine is busy with a PDU it will flush the queue itself before it next blocks, so only
-// PDUs queued while it waits for input wake the writer goroutine.
-func (c *conn) queue(ps ...*outPDU) {
-	n := 0
-	for _, p := range ps {
-		n += len(p.data)
+// runAll executes what the reader's last step handed out.
+func (c *conn) runAll() {
+	for i, t := range c.run {
+		c.run[i] = nil
+		c.execs.Add(1)
+		if c.lastExecNs.Load() < inlineThresholdNs && t.edtl <= inlineMaxBytes {
+			// Recent commands completed fast (page cache): running this one on the reader
+			// goroutine saves two goroutine handoffs, which on few cores costs more than the
+			// command itself. A slow command flips the connection to one goroutine per
+			// command, so a slow backend still sees concurrency.
+			c.execute(t)
+			continue
+		}
+		go c.execute(t)
 	}
-	c.wmu.Lock()
-	c.wq = append(c.wq, ps...)
-	c.wmu.Unlock()
-	c.pendingBytes.Add(int64(n))
-	c.pending.Add(int32(len(ps)))
+	c.run = c.run[:0]
+}
+
+func (c *conn) execute(t *task) {
+	defer c.execs.Done()
+	res := c.runTask(t)
+	c.mu.Lock()
+	c.core.completed(t, res)
+	logs := c.collectLocked()
+	c.mu.Unlock()
+	c.carryOut(logs)
 	if !c.readerBusy.Load() {
 		c.kick()
 	}
 }
 
-func (c *conn) queue1(p *outPDU) {
-	c.wmu.Lock()
-	c.wq = append(c.wq, p)
-	c.wmu.Unlock()
-	c.pendingBytes.Add(int64(len(p.data)))
-	c.pending.Add(1)
-	if !c.readerBusy.Load() {
-		c.kick()
+// runTask does t's device work; a panic in it closes only this connection.
+func (c *conn) runTask(t *task) (res scsi.Result) {
+	defer func() {
+		if r := recover(); r != nil {
+			c.log.Error("panic executing SCSI command; closing connection", "panic", r,
+				"cdb", fmt.Sprintf("% x", t.cmd.CDB), "stack", string(debug.Stack()))
+			c.kill()
+			res = scsi.Result{Status: scsi.StatusBusy}
+		}
+	}()
+	dev := c.sess.tg.dev
+	switch t.kind {
+	case kindLUNReset:
+		if err := dev.LUNReset(t.cmd.LUN, t.cmd.Nexus); err != nil {
+			res.Status = scsi.StatusCheckCondition
+		}
+	case kindTargetReset:
+		dev.TargetReset(t.cmd.Nexus)
+	default:
+		start := time.Now()
+		res = dev.Execute(&t.cmd)
+		c.lastExecNs.Store(int64(time.Since(start)))
+	}
+	return res
+}
+
+// --- clock ---
+
+func (c *conn) startTicking() {
+	c.mu.Lock()
+	c.ticking = true
+	c.tk = time.AfterFunc(c.srv.opts.NopInterval, c.onTick)
+	c.mu.Unlock()
+}
+
+func (c *conn) onTick() {
+	c.mu.Lock()
+	if !c.ticking {
+		c.mu.Unlock()
+		return
+	}
+	c.core.tick()
+	logs := c.collectLocked()
+	c.tk.Reset(c.srv.opts.NopInterval)
+	c.mu.Unlock()
+	c.carryOut(logs)
+	c.kick()
+	c.signalSpace()
+}
+
+func (c *conn) signalSpace() {
+	select {
+	case c.space <- struct{}{}:
+	default:
 	}
 }
+
+// requestLogout asks the initiator to log out (Async Message), e.g. at shutdown.
+func (c *conn) requestLogout() {
+	if !c.loggedIn.Load() {
+		c.kill()
+		return
+	}
+	c.mu.Lock()
+	if c.core == nil {
+		c.mu.Unlock()
+		c.kill()
+		return
+	}
+	c.core.requestLogout(logoutGraceSeconds)
+	logs := c.collectLocked()
+	c.mu.Unlock()
+	c.carryOut(logs)
+	c.kick()
+}
+
+// logoutGraceSeconds is what the Async logout request gives the initiator (Parameter3).
+const logoutGraceSeconds = 10
+
+// --- writer ---
 
 func (c *conn) kick() {
 	select {
@@ -319,7 +554,7 @@ func (c *conn) readerFlush() {
 			c.kill()
 			return
 		}
-		if c.pending.Load() == 0 {
+		if c.pending.Load() == 0 && !c.endAfter.Load() {
 			return
 		}
 	}
@@ -330,8 +565,8 @@ func (c *conn) readerFlush() {
 // over, so big Data-In drains on one core while the reader executes the next commands.
 const readerFlushLimit = 64 << 10
 
-// writeLoop flushes whenever kicked; StatSN is assigned at flush time under wlock so it follows
-// the wire order whoever writes.
+// writeLoop flushes whenever kicked, and closes the connection once an end-after-send is
+// due and everything queued is written.
 func (c *conn) writeLoop() {
 	defer close(c.wdone)
 	defer c.recoverAndKill("writer")
@@ -348,84 +583,39 @@ func (c *conn) writeLoop() {
 			c.kill()
 			return
 		}
+		if c.endAfter.Load() && c.pending.Load() == 0 {
+			c.kill()
+			return
+		}
 	}
 }
 
-// flushLocked writes all queued PDUs, one writev per batch. Caller holds wlock.
+// flushLocked writes everything queued, one writev per batch, and reports each batch to the
+// core as sent. Caller holds wlock.
 func (c *conn) flushLocked() error {
 	hd, dd := c.params.HeaderDigest, c.params.DataDigest
 	for {
-		c.wmu.Lock()
-		if len(c.wq) == 0 {
-			c.wmu.Unlock()
+		c.mu.Lock()
+		batch := c.core.takeSend(c.spare[:0])
+		c.pending.Store(0)
+		c.pendingBytes.Store(0)
+		c.mu.Unlock()
+		if len(batch) == 0 {
 			return nil
 		}
-		batch := c.wq
-		c.wq = c.spare[:0]
-		c.wmu.Unlock()
-		c.pending.Add(-int32(len(batch)))
-		taken := 0
-		for _, p := range batch {
-			taken += len(p.data)
-		}
-		c.pendingBytes.Add(-int64(taken))
-
-		exp, maxSN := c.sess.snapshot()
 		iov := c.iov[:0]
 		for _, p := range batch {
-			if p.skip || (p.t != nil && p.t.aborted.Load()) {
-				p.skip = true
-				continue
-			}
-			h := p.bhs()
-			switch p.snMode {
-			case snCarry:
-				h.setU32(offCmdSN, c.statSN)
-			case snAdvance:
-				h.setU32(offCmdSN, c.statSN)
-				c.statSN++
-			}
-			h.setU32(offExpStatSN, exp)
-			h.setU32(offMaxCmdSN, maxSN)
-			h.setDataLen(len(p.data))
-			n := bhsLen
-			if hd {
-				binary.LittleEndian.PutUint32(p.hdr[bhsLen:], crc32c(0, p.hdr[:bhsLen]))
-				n += 4
-			}
-			iov = append(iov, p.hdr[:n])
-			if len(p.data) > 0 {
-				iov = append(iov, p.data)
-				pad := zeroPad[:pad4(len(p.data))]
-				if len(pad) > 0 {
-					iov = append(iov, pad)
-				}
-				if dd {
-					binary.LittleEndian.PutUint32(p.ddig[:], crc32c(crc32c(0, p.data), pad))
-					iov = append(iov, p.ddig[:])
-				}
-			}
+			iov = appendIOV(iov, p, hd, dd)
 		}
-		var werr error
-		if len(iov) > 0 {
-			c.nb = iov
-			_, werr = c.nb.WriteTo(c.nc)
-		}
-		for i := range iov {
-			iov[i] = nil
-		}
+		c.nb = iov
+		_, werr := c.nb.WriteTo(c.nc)
+		clear(iov)
 		c.iov = iov[:0]
-		for i, p := range batch {
-			if p.after != nil && (!p.skip || p.t == nil) {
-				p.after()
-			}
-			if p.last && p.t != nil {
-				c.recycle(p.t)
-			}
-			outPool.Put(p)
-			batch[i] = nil
-		}
+		c.mu.Lock()
+		c.core.sent(batch)
+		c.mu.Unlock()
 		c.spare = batch[:0]
+		c.signalSpace()
 		if werr != nil {
 			return werr
 		}
@@ -439,411 +629,4 @@ func (c *conn) recoverAndKill(who string) {
 		c.log.Error("panic in connection "+who+"; closing it", "panic", r, "stack", string(debug.Stack()))
 		c.kill()
 	}
-}
-
-// --- NOP-In pings ---
-
-func (c *conn) pingLoop() {
-	defer close(c.pdone)
-	defer c.recoverAndKill("pinger")
-	iv := c.srv.opts.NopInterval
-	tk := time.NewTicker(iv)
-	defer tk.Stop()
-	idle := time.Duration(0)
-	for {
-		select {
-		case <-c.stop:
-			return
-		case <-tk.C:
-		}
-		if c.recvSeen.Swap(false) {
-			idle = 0
-			continue
-		}
-		idle += iv
-		if idle > c.srv.opts.NopTimeout {
-			c.log.Info("initiator did not answer NOP-In; closing", "idle", idle)
-			c.kill()
-			return
-		}
-		c.pingTTT++
-		if c.pingTTT == reservedTag {
-			c.pingTTT = 1
-		}
-		p := getOut()
-		h := p.bhs()
-		h[0] = opNopIn
-		h[1] = flagFinal
-		h.setU32(offITT, reservedTag)
-		h.setU32(offTTT, c.pingTTT)
-		p.snMode = snCarry
-		c.queue1(p)
-	}
-}
-
-// requestLogout sends an Async Message asking the initiator to log out (server shutdown).
-func (c *conn) requestLogout() {
-	if !c.loggedIn.Load() {
-		c.kill()
-		return
-	}
-	p := getOut()
-	h := p.bhs()
-	h[0] = opAsync
-	h[1] = flagFinal
-	h.setU32(offITT, reservedTag)
-	h[36] = 1                                // AsyncEvent: target requests logout
-	binary.BigEndian.PutUint16(h[42:44], 10) // Parameter3: seconds to log out in
-	p.snMode = snAdvance
-	c.queue1(p)
-}
-
-// --- reader ---
-
-type protoError struct {
-	reason byte
-	msg    string
-}
-
-func (e *protoError) Error() string { return e.msg }
-
-func (c *conn) readLoop() error {
-	var h bhs
-	for {
-		if c.br.Buffered() < bhsLen {
-			// About to block for input: write what this goroutine produced first.
-			c.readerBusy.Store(false)
-			c.readerFlush()
-		}
-		ahs, err := c.pr.readHeader(&h)
-		if err != nil {
-			c.readerBusy.Store(false)
-			return fmt.Errorf("read PDU header: %w", err)
-		}
-		c.readerBusy.Store(true)
-		c.recvSeen.Store(true)
-		err = c.handle(&h, ahs)
-		if err == nil && (c.pending.Load() >= 32 || c.pendingBytes.Load() > readerFlushLimit) {
-			c.readerFlush()
-		}
-		if err != nil {
-			c.readerBusy.Store(false)
-			var pe *protoError
-			if errors.As(err, &pe) {
-				c.log.Info("protocol error; closing connection", "err", pe.msg, "opcode", h.opcode())
-				c.reject(&h, pe.reason)
-				c.closeAfterFlush()
-				<-c.stop
-				return nil
-			}
-			return fmt.Errorf("PDU opcode 0x%02x ITT 0x%x: %w", h.opcode(), h.itt(), err)
-		}
-	}
-}
-
-// closeAfterFlush closes the connection once everything queued so far is written (or after a
-// grace period if the writer is stuck).
-func (c *conn) closeAfterFlush() {
-	p := getOut()
-	p.skip = true
-	p.after = c.kill
-	c.queue1(p)
-	c.kick()
-	time.AfterFunc(2*time.Second, c.kill)
-}
-
-func (c *conn) reject(h *bhs, reason byte) {
-	p := getOut()
-	rh := p.bhs()
-	rh[0] = opReject
-	rh[1] = flagFinal
-	rh[2] = reason
-	rh.setU32(offITT, reservedTag)
-	p.data = append([]byte(nil), h[:]...)
-	p.snMode = snAdvance
-	c.queue1(p)
-}
-
-func (c *conn) handle(h *bhs, ahs []byte) error {
-	op := h.opcode()
-	if c.sess.discovery && op != opTextReq && op != opLogoutReq && op != opNopOut {
-		if err := c.pr.discard(h.dataLen()); err != nil {
-			return err
-		}
-		c.reject(h, rejectProtocol)
-		return nil
-	}
-	switch op {
-	case opSCSICmd:
-		return c.handleCommand(h, ahs)
-	case opDataOut:
-		return c.handleDataOut(h)
-	case opNopOut:
-		return c.handleNopOut(h)
-	case opTMFReq:
-		return c.handleTMF(h)
-	case opTextReq:
-		return c.handleText(h)
-	case opLogoutReq:
-		return c.handleLogout(h)
-	case opSNACK:
-		if err := c.pr.discard(h.dataLen()); err != nil {
-			return err
-		}
-		c.reject(h, rejectProtocol) // SNACK needs ERL >= 1
-		return nil
-	case opLoginReq:
-		return &protoError{rejectProtocol, "login request in full feature phase"}
-	default:
-		if err := c.pr.discard(h.dataLen()); err != nil {
-			return err
-		}
-		c.reject(h, rejectNotSupported)
-		return nil
-	}
-}
-
-// --- NOP ---
-
-func (c *conn) handleNopOut(h *bhs) error {
-	n := h.dataLen()
-	if n > int(c.params.TargetRecvDSL) {
-		return &protoError{rejectProtocol, "NOP-Out data beyond MaxRecvDataSegmentLength"}
-	}
-	var data []byte
-	itt := h.itt()
-	if itt != reservedTag && n > 0 {
-		data = make([]byte, n)
-		if err := c.pr.readData(data); err != nil {
-			return c.dataErr(h, err)
-		}
-	} else if err := c.pr.discard(n); err != nil {
-		return err
-	}
-	if !c.acceptInstant(h) {
-		return nil
-	}
-	if itt == reservedTag {
-		return nil // answer to our ping, or a ping that wants no answer
-	}
-	p := getOut()
-	rh := p.bhs()
-	rh[0] = opNopIn
-	rh[1] = flagFinal
-	copy(rh[8:16], h[8:16])
-	rh.setU32(offITT, itt)
-	rh.setU32(offTTT, reservedTag)
-	p.data = data
-	p.snMode = snAdvance
-	c.queue1(p)
-	return nil
-}
-
-// acceptInstant applies the CmdSN window to a non-SCSI request, which is done as soon as it is
-// handled: a non-immediate one takes its CmdSN and frees the slot at once (so MaxCmdSN moves).
-func (c *conn) acceptInstant(h *bhs) bool {
-	if !c.sess.accept(h.u32(offCmdSN), h.immediate()) {
-		return false
-	}
-	if !h.immediate() {
-		c.sess.done()
-	}
-	return true
-}
-
-func (c *conn) dataErr(h *bhs, err error) error {
-	if errors.Is(err, errDigest) {
-		return &protoError{rejectDataDigest, err.Error()}
-	}
-	return err
-}
-
-// --- Text ---
-
-func (c *conn) handleText(h *bhs) error {
-	n := h.dataLen()
-	if n > int(c.params.TargetRecvDSL) || n > maxLoginData {
-		return &protoError{rejectProtocol, "text data too long"}
-	}
-	data := make([]byte, n)
-	if err := c.pr.readData(data); err != nil {
-		return c.dataErr(h, err)
-	}
-	if !c.acceptInstant(h) {
-		return nil
-	}
-	itt, ttt := h.itt(), h.u32(offTTT)
-	ts := &c.text
-	if ts.itt != itt {
-		ts.partial, ts.pending = nil, nil
-		ts.itt = itt
-	}
-	if len(ts.pending) > 0 && ttt == ts.ttt && len(data) == 0 {
-		c.sendTextChunk(h) // initiator asks for the next part of a long answer
-		return nil
-	}
-	ts.pending = nil
-	ts.partial = append(ts.partial, data...)
-	if len(ts.partial) > maxLoginData {
-		return &protoError{rejectProtocol, "text request too long"}
-	}
-	if h.flags()&flagContinue != 0 {
-		// More request text follows: acknowledge with an empty, non-final response.
-		c.sendTextChunk(h)
-		return nil
-	}
-	kvs, _, err := parseTextKeys(ts.partial, false)
-	ts.partial = nil
-	if err != nil {
-		c.reject(h, rejectProtocol)
-		return nil
-	}
-	var out []textKV
-	for _, kv := range kvs {
-		switch kv.Key {
-		case "SendTargets":
-			out = append(out, c.sendTargets(kv.Value)...)
-		default:
-			if _, known := keyTable[kv.Key]; known {
-				// Operational keys are not renegotiated in full feature phase.
-				out = append(out, textKV{kv.Key, valReject})
-			} else {
-				out = append(out, textKV{kv.Key, valNotUnderstood})
-			}
-		}
-	}
-	ts.pending = appendTextKeys(nil, out)
-	ts.final = true
-	c.sendTextChunk(h)
-	return nil
-}
-
-// sendTextChunk sends the next part of the pending text answer (empty while request text is
-// still arriving), splitting at the initiator's MaxRecvDataSegmentLength with the C bit.
-func (c *conn) sendTextChunk(h *bhs) {
-	ts := &c.text
-	chunk := ts.pending
-	more := false
-	if lim := int(c.params.InitiatorRecvDSL); len(chunk) > lim {
-		chunk, more = chunk[:lim], true
-	}
-	ts.pending = ts.pending[len(chunk):]
-	p := getOut()
-	rh := p.bhs()
-	rh[0] = opTextResp
-	copy(rh[8:16], h[8:16])
-	rh.setU32(offITT, h.itt())
-	if ts.final && !more {
-		rh[1] = flagFinal
-		rh.setU32(offTTT, reservedTag)
-		ts.pending, ts.final = nil, false
-	} else {
-		if more {
-			rh[1] = flagContinue
-		}
-		ts.ttt = c.nextTag() | 0x80000000
-		rh.setU32(offTTT, ts.ttt)
-	}
-	p.data = chunk
-	p.snMode = snAdvance
-	c.queue1(p)
-}
-
-// sendTargets lists the tenant's targets this initiator may log in to, at the portal the
-// initiator dialled.
-func (c *conn) sendTargets(which string) []textKV {
-	addr := portalAddr(c.nc.LocalAddr())
-	var out []textKV
-	emit := func(tg *Target) {
-		if tg.closed.Load() {
-			return
-		}
-		out = append(out, textKV{"TargetName", tg.cfg.IQN}, textKV{"TargetAddress", addr + ",1"})
-	}
-	initiator := c.sess.key.initiator
-	switch which {
-	case "All":
-		if !c.sess.discovery {
-			// In a normal session only the session's target is reported (RFC 7143 §13.3).
-			emit(c.sess.tg)
-			break
-		}
-		for _, tg := range c.tenant.Targets {
-			if tg.allows(initiator) {
-				emit(tg)
-			}
-		}
-	case "":
-		if c.sess.tg != nil {
-			emit(c.sess.tg)
-		}
-	default:
-		if tg := c.tenant.find(which); tg != nil && tg.allows(initiator) {
-			emit(tg)
-		}
-	}
-	return out
-}
-
-func portalAddr(a net.Addr) string {
-	if ta, ok := a.(*net.TCPAddr); ok {
-		ip := ta.IP
-		if ip4 := ip.To4(); ip4 != nil {
-			return ip4.String() + ":" + strconv.Itoa(ta.Port)
-		}
-		return "[" + ip.String() + "]:" + strconv.Itoa(ta.Port)
-	}
-	return a.String()
-}
-
-// --- Logout ---
-
-func (c *conn) handleLogout(h *bhs) error {
-	if err := c.pr.discard(h.dataLen()); err != nil {
-		return err
-	}
-	if !c.acceptInstant(h) {
-		return nil
-	}
-	reason := h.flags() & 0x7f
-	cid := binary.BigEndian.Uint16(h[20:22])
-	var response byte
-	closing := true
-	switch reason {
-	case 0: // close session
-	case 1: // close connection: only this one exists (MaxConnections=1)
-		if cid != c.cid {
-			response = 1 // CID not found
-			closing = false
-		}
-	case 2:
-		response = 2 // connection recovery not supported (ERL 0)
-		closing = false
-	default:
-		c.reject(h, rejectInvalidField)
-		return nil
-	}
-	if closing {
-		c.abortAll(nil)
-		c.execs.Wait()
-	}
-	p := getOut()
-	rh := p.bhs()
-	rh[0] = opLogoutResp
-	rh[1] = flagFinal
-	rh[2] = response
-	rh.setU32(offITT, h.itt())
-	binary.BigEndian.PutUint16(rh[40:42], uint16(c.params.DefaultTime2Wait))
-	binary.BigEndian.PutUint16(rh[42:44], uint16(c.params.DefaultTime2Retain))
-	p.snMode = snAdvance
-	if closing {
-		p.after = c.kill
-	}
-	c.queue1(p)
-	c.kick()
-	if closing {
-		<-c.stop
-		return errLogout
-	}
-	return nil
 }

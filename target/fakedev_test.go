@@ -16,15 +16,16 @@ type ramDevice struct {
 	resets  int
 	losses  int
 	hold    chan struct{} // if set, Execute of opcode 0x2a waits on it (abort tests)
-	slowLBA uint32        // READ(10) of this LBA (if non-zero) takes slowRead
+	slowLBA uint32        // READ(10) of this LBA (if non-zero) takes at least slowRead
+	gate    chan struct{} // if set, READ(10) of LBA 11 waits until it is closed
 	delay   time.Duration // every READ/WRITE takes at least this long
 }
 
 const ramBlock = 512
 
-// slowRead is long enough that a command completing after it never races a fast one, even on
-// two cores shared with other test suites.
-const slowRead = time.Second
+// slowRead is well above the inline-execution threshold (150 µs): a READ that takes it
+// switches the connection to one goroutine per command.
+const slowRead = time.Millisecond
 
 func newRAMDevice(size int) *ramDevice { return &ramDevice{data: make([]byte, size)} }
 
@@ -89,6 +90,9 @@ func (d *ramDevice) Execute(cmd *scsi.Command) scsi.Result {
 	case 0x28:
 		if d.slowLBA != 0 && binary.BigEndian.Uint32(cdb[2:6]) == d.slowLBA {
 			time.Sleep(slowRead)
+		}
+		if d.gate != nil && binary.BigEndian.Uint32(cdb[2:6]) == 11 {
+			<-d.gate
 		}
 		return rw(uint64(binary.BigEndian.Uint32(cdb[2:6])), uint32(binary.BigEndian.Uint16(cdb[7:9])), false)
 	case 0x2a:

@@ -32,8 +32,8 @@ func FuzzSessionInput(f *testing.F) {
 
 	f.Fuzz(func(t *testing.T, in []byte) {
 		srv := NewServer(Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-		tg, _ := srv.newTarget(TargetConfig{IQN: "iqn.f:t"}, newRAMDevice(1<<20))
-		tenant := &Tenant{Name: "fuzz", Targets: []*Target{tg}}
+		tenant := srv.NewTenant("fuzz", Limits{})
+		tenant.Targets = []*Target{newTarget(TargetConfig{IQN: "iqn.f:t"}, newRAMDevice(1<<20))}
 		cli, sc := net.Pipe()
 		done := make(chan struct{})
 		go func() {
@@ -43,13 +43,13 @@ func FuzzSessionInput(f *testing.F) {
 		go io.Copy(io.Discard, cli)
 		req := loginReq(1, 3, true, false, "InitiatorName=iqn.f:i", "TargetName=iqn.f:t", "InitialR2T=No")
 		req.BHS.setU32(offCmdSN, 1)
-		cli.SetWriteDeadline(time.Now().Add(2 * time.Second))
+		cli.SetWriteDeadline(time.Now().Add(testTimeout))
 		cli.Write(appendPDU(nil, &req.BHS, nil, req.Data, false, false))
 		cli.Write(in)
 		cli.Close()
 		select {
 		case <-done:
-		case <-time.After(5 * time.Second):
+		case <-time.After(testTimeout):
 			t.Fatal("connection did not end after the initiator closed")
 		}
 	})

@@ -18,7 +18,10 @@ const (
 	loginSessionTypeUnsup   = 0x0209
 	loginNoSession          = 0x020a
 	loginInvalidDuringLogin = 0x020b
+	loginTargetRemoved      = 0x0204
 	loginTargetError        = 0x0300
+	loginServiceUnavailable = 0x0301
+	loginOutOfResources     = 0x0302
 )
 
 const (
@@ -60,7 +63,13 @@ type loginState struct {
 	expCmdSN      uint32
 	declaredDSL   bool
 	partial       []byte // text of requests with the C bit set
-	done          bool
+	// A response longer than the initiator may receive goes out in parts (C bit); the rest
+	// waits here for the initiator's empty request, and the last part carries the
+	// transition (final) that the whole response decided.
+	pendingText []byte
+	final       bhs
+	finalDone   bool
+	done        bool
 }
 
 func newLoginState(env loginEnv, pol Policy, depth uint32) *loginState {
@@ -79,14 +88,13 @@ func (ls *loginState) step(req *frame) (resp bhs, data []byte, fail bool) {
 
 	resp[0] = opLoginResp
 	resp[1] = csg << 2
-	copy(resp[8:14], h[8:14])
+	copy(resp[offISID:offISID+6], h[offISID:offISID+6])
 	resp.setU32(offITT, h.itt())
 	cmdSN := h.u32(offCmdSN)
 
 	failWith := func(status uint16) (bhs, []byte, bool) {
 		resp[1] = csg << 2
-		resp[36] = byte(status >> 8)
-		resp[37] = byte(status)
+		binary.BigEndian.PutUint16(resp[offLoginStatus:], status)
 		ls.fillSN(&resp)
 		return resp, nil, true
 	}
@@ -94,14 +102,14 @@ func (ls *loginState) step(req *frame) (resp bhs, data []byte, fail bool) {
 	if h.opcode() != opLoginReq {
 		return failWith(loginInvalidDuringLogin)
 	}
-	if h[3] > 0 || h[2] < h[3] { // VersionMin > 0 or Max < Min: we speak version 0 only
+	if h[offVersionMin] > 0 || h[offVersionMax] < h[offVersionMin] { // we speak version 0 only
 		return failWith(loginUnsupportedVersion)
 	}
 	if !ls.started {
 		ls.started = true
-		copy(ls.isid[:], h[8:14])
-		ls.tsih = binary.BigEndian.Uint16(h[14:16])
-		ls.cid = binary.BigEndian.Uint16(h[20:22])
+		copy(ls.isid[:], h[offISID:offISID+6])
+		ls.tsih = binary.BigEndian.Uint16(h[offTSIH:])
+		ls.cid = binary.BigEndian.Uint16(h[offCID:])
 		ls.itt = h.itt()
 		ls.expCmdSN = cmdSN
 		ls.statSN = h.u32(offExpStatSN)
@@ -115,9 +123,16 @@ func (ls *loginState) step(req *frame) (resp bhs, data []byte, fail bool) {
 			return failWith(loginNoSession)
 		}
 	} else {
-		if [6]byte(h[8:14]) != ls.isid || binary.BigEndian.Uint16(h[14:16]) != ls.tsih {
+		if [6]byte(h[offISID:offISID+6]) != ls.isid || binary.BigEndian.Uint16(h[offTSIH:]) != ls.tsih {
 			return failWith(loginInitiatorError)
 		}
+	}
+	if ls.pendingText != nil {
+		// The initiator collects the rest of a long response with empty requests.
+		if cont || len(req.Data) > 0 {
+			return failWith(loginInitiatorError)
+		}
+		return ls.nextPart()
 	}
 	if csg != ls.stage || (transit && cont) {
 		return failWith(loginInitiatorError)
@@ -193,7 +208,7 @@ func (ls *loginState) step(req *frame) (resp bhs, data []byte, fail bool) {
 
 	var out []textKV
 	if first && !ls.discovery {
-		out = append(out, textKV{"TargetPortalGroupTag", "1"})
+		out = append(out, textKV{"TargetPortalGroupTag", tpgtString})
 		if ls.target != nil && ls.target.cfg.Alias != "" {
 			out = append(out, textKV{"TargetAlias", ls.target.cfg.Alias})
 		}
@@ -229,12 +244,44 @@ func (ls *loginState) step(req *frame) (resp bhs, data []byte, fail bool) {
 				return failWith(st)
 			}
 			ls.tsih = tsih
-			binary.BigEndian.PutUint16(resp[14:16], tsih)
+			binary.BigEndian.PutUint16(resp[offTSIH:], tsih)
 			ls.done = true
 		}
 	}
+	ans := appendTextKeys(nil, out)
+	if len(ans) > loginResponseLimit {
+		ls.final, ls.finalDone = resp, ls.done
+		// Until the last part the initiator does not know its TSIH and keeps sending 0.
+		ls.done, ls.tsih = false, 0
+		ls.pendingText = ans
+		return ls.nextPart()
+	}
 	ls.fillSN(&resp)
-	return resp, appendTextKeys(nil, out), false
+	return resp, ans, false
+}
+
+// loginResponseLimit bounds one login response's data: the initiator's
+// MaxRecvDataSegmentLength applies from the full feature phase, and until then 8192 bytes
+// (its default) is what every initiator can take (RFC 7143 §13.12).
+const loginResponseLimit = 8192
+
+// nextPart sends the next part of a long response: C and no T until the last part, which
+// carries the response's own flags and TSIH.
+func (ls *loginState) nextPart() (bhs, []byte, bool) {
+	resp := ls.final
+	part := ls.pendingText
+	if len(part) > loginResponseLimit {
+		part = part[:loginResponseLimit]
+		ls.pendingText = ls.pendingText[loginResponseLimit:]
+		resp[1] = resp[1]&(3<<2) | flagContinue // CSG kept, no T, no NSG
+		binary.BigEndian.PutUint16(resp[offTSIH:], 0)
+	} else {
+		ls.pendingText = nil
+		ls.done = ls.finalDone
+		ls.tsih = binary.BigEndian.Uint16(resp[offTSIH:])
+	}
+	ls.fillSN(&resp)
+	return resp, part, false
 }
 
 func (ls *loginState) fillSN(resp *bhs) {

@@ -2,6 +2,7 @@ package target
 
 import (
 	"encoding/binary"
+	"fmt"
 	"strings"
 	"testing"
 )
@@ -181,5 +182,39 @@ func TestLoginRequestMustKeepISID(t *testing.T) {
 	req.BHS[13] ^= 0xff
 	if resp, _, fail := ls.step(req); !fail || status(resp) != loginInitiatorError {
 		t.Fatalf("changed ISID accepted: status %04x", status(resp))
+	}
+}
+
+func TestLongLoginResponseGoesOutInPartsWithTheContinueBit(t *testing.T) {
+	env := newFakeEnv()
+	ls := newLoginState(env, DefaultPolicy(), 128)
+	// 2,000 keys we do not understand: each is answered NotUnderstood, ~30 KiB in all.
+	kvs := []string{"InitiatorName=iqn.i:x", "TargetName=iqn.t:open"}
+	for i := range 2000 {
+		kvs = append(kvs, fmt.Sprintf("X-vendor-%04d=1", i))
+	}
+	resp, data, fail := ls.step(loginReq(1, 3, true, false, kvs...))
+	var all []byte
+	parts := 0
+	for {
+		parts++
+		if fail || len(data) > loginResponseLimit {
+			t.Fatalf("part %d: fail=%v, %d bytes", parts, fail, len(data))
+		}
+		all = append(all, data...)
+		if resp[1]&flagContinue == 0 {
+			break
+		}
+		if resp[1]&flagTransit != 0 || ls.done || binary.BigEndian.Uint16(resp[offTSIH:]) != 0 {
+			t.Fatalf("part %d with C also transits (flags %02x) or carries a TSIH", parts, resp[1])
+		}
+		resp, data, fail = ls.step(loginReq(1, 3, false, false))
+	}
+	if parts < 4 || resp[1] != flagTransit|1<<2|3 || !ls.done || binary.BigEndian.Uint16(resp[offTSIH:]) != 0x1234 {
+		t.Fatalf("%d parts, last flags %02x done %v", parts, resp[1], ls.done)
+	}
+	a := answers(t, all)
+	if len(a) < 2000 || a["X-vendor-1999"] != valNotUnderstood {
+		t.Fatalf("%d answers", len(a))
 	}
 }

@@ -22,19 +22,23 @@ type testServer struct {
 
 func startRAMServer(t *testing.T, opts Options) *testServer {
 	t.Helper()
+	return startRAMServerLimited(t, opts, Limits{})
+}
+
+// startRAMServerLimited serves tenant t1 with its own limits.
+func startRAMServerLimited(t *testing.T, opts Options, lim Limits) *testServer {
+	t.Helper()
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	}
 	s := NewServer(opts)
 	dev := newRAMDevice(64 << 20)
 	iqn := "iqn.2026-01.test.nstarget:ram"
-	tg, err := s.newTarget(TargetConfig{IQN: iqn, Alias: "ram"}, dev)
-	if err != nil {
-		t.Fatal(err)
-	}
-	other, _ := s.newTarget(TargetConfig{IQN: "iqn.2026-01.test.nstarget:other-tenant"}, newRAMDevice(1<<20))
-	_ = other
-	tenant := &Tenant{Name: "t1", Targets: []*Target{tg}}
+	tg := newTarget(TargetConfig{IQN: iqn, Alias: "ram"}, dev)
+	tenant := s.NewTenant("t1", lim)
+	tenant.Targets = []*Target{tg}
+	// Another tenant's target: never visible from t1.
+	s.NewTenant("t2", Limits{}).Targets = []*Target{newTarget(TargetConfig{IQN: "iqn.2026-01.test.nstarget:other-tenant"}, newRAMDevice(1<<20))}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

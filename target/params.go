@@ -5,7 +5,7 @@ import (
 	"strings"
 )
 
-// Params are the operational parameters of a session/connection after negotiation (RFC 7143
+// params are the operational parameters of a session/connection after negotiation (RFC 7143
 // §13). Lengths are bytes.
 type params struct {
 	HeaderDigest        bool
@@ -155,7 +155,7 @@ func parseNum(v string, lo, hi uint64) (uint64, bool) {
 	return n, true
 }
 
-// negotiateOperational applies one offered key to p and returns the response pair (ok=false
+// negotiateKey applies one offered key to p and returns the response pair (ok=false
 // when the key needs no answer). discovery makes session-only keys Irrelevant.
 func negotiateKey(p *params, pol *Policy, kv textKV, discovery bool) (resp textKV, answer bool) {
 	def, known := keyTable[kv.Key]

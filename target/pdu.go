@@ -38,7 +38,26 @@ const (
 	rejectImmediate      = 0x06
 	rejectTaskInProgress = 0x07
 	rejectInvalidField   = 0x09
-	rejectWaitingLogout  = 0x0c
+	rejectOutOfResources = 0x0a // "long op reject": cannot generate a TTT, out of resources
+)
+
+// Logout reasons and responses (§11.14, §11.15).
+const (
+	logoutCloseSession         = 0
+	logoutCloseConnection      = 1
+	logoutRemoveForRecovery    = 2
+	logoutCIDNotFound          = 1
+	logoutRecoveryNotSupported = 2
+)
+
+// asyncLogoutRequest is the Async Message event "target requests logout" (§11.9.1).
+const asyncLogoutRequest = 1
+
+// The one target portal group of every tenant portal: login, SendTargets and the nexus all
+// say the same.
+const (
+	tpgt       = 1
+	tpgtString = "1"
 )
 
 const (
@@ -52,6 +71,10 @@ const (
 	flagContinue  = 0x40 // login/text C bit
 	flagTransit   = 0x80 // login T bit
 	flagImmediate = 0x40 // byte 0
+	// SCSI Response / Data-In byte 1
+	flagResidualOverflow  = 0x04
+	flagResidualUnderflow = 0x02
+	flagStatus            = 0x01 // Data-In S bit: status is in this PDU
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -77,41 +100,37 @@ func (h *bhs) setDataLen(n int) {
 	h[5], h[6], h[7] = byte(n>>16), byte(n>>8), byte(n)
 }
 
-// Field offsets shared by several PDU types.
+// Field offsets (§11). Several PDU types put different fields at the same offset.
 const (
-	offITT       = 16
-	offTTT       = 20 // also EDTL of a SCSI command, RTT of a TMF
-	offCmdSN     = 24 // StatSN in target PDUs
-	offExpStatSN = 28 // ExpCmdSN in target PDUs
-	offMaxCmdSN  = 32
-	offDataSN    = 36
-	offBufOffset = 40
-	offResidual  = 44
+	offResponse    = 2  // SCSI Response, TMF Response, Logout Response
+	offReason      = 2  // Reject
+	offVersionMax  = 2  // Login Request
+	offVersionMin  = 3  // Login Request
+	offStatus      = 3  // SCSI Response, Data-In with S
+	offLUN         = 8  // 8 bytes
+	offISID        = 8  // login: 6 bytes
+	offTSIH        = 14 // login: 2 bytes
+	offITT         = 16
+	offTTT         = 20
+	offEDTL        = 20 // SCSI Command
+	offCID         = 20 // Login and Logout Request: 2 bytes
+	offCmdSN       = 24 // initiator PDUs
+	offStatSN      = 24 // target PDUs
+	offRTT         = 20 // TMF Request: referenced task tag
+	offExpStatSN   = 28 // initiator PDUs
+	offExpCmdSN    = 28 // target PDUs
+	offMaxCmdSN    = 32
+	offDataSN      = 36 // Data-In/-Out; R2TSN of an R2T; ExpDataSN of a SCSI Response
+	offExpDataSN   = 36
+	offAsyncEvent  = 36 // Async Message: 1 byte
+	offLoginStatus = 36 // Login Response: class, detail
+	offBufOffset   = 40
+	offTime2Wait   = 40 // Logout Response: 2 bytes
+	offTime2Retain = 42 // Logout Response: 2 bytes
+	offAsyncParam3 = 42 // Async Message: 2 bytes
+	offResidual    = 44
+	offDesiredLen  = 44 // R2T: desired data transfer length
 )
-
-// decodeLUN turns the 8-byte LUN field into a flat LUN number (SAM-5 peripheral and flat
-// addressing; other methods are passed through as the raw first level).
-func decodeLUN(raw uint64) uint64 {
-	first := uint16(raw >> 48)
-	switch first >> 14 {
-	case 0: // peripheral device addressing, bus 0
-		return uint64(first & 0xff)
-	case 1: // flat space
-		return uint64(first & 0x3fff)
-	}
-	return raw
-}
-
-// encodeLUN is the inverse for the LUN numbers we hand out.
-func encodeLUN(lun uint64) uint64 {
-	if lun < 256 {
-		return lun << 48
-	}
-	if lun < 0x4000 {
-		return (0x4000 | lun) << 48
-	}
-	return lun
-}
 
 func pad4(n int) int { return (4 - n&3) & 3 }
 
@@ -217,7 +236,7 @@ func cdbFromPDU(h *bhs, ahs []byte, dst []byte) ([]byte, error) {
 	return cdb, nil
 }
 
-// Frame is one parsed PDU, used off the hot path (login, fuzzing, tests).
+// frame is one parsed PDU, used off the hot path (login, fuzzing, tests).
 type frame struct {
 	BHS  bhs
 	AHS  []byte
@@ -246,7 +265,7 @@ func (pr *pduReader) readFrame(limit int) (*frame, error) {
 	return f, nil
 }
 
-// ParsePDU parses one PDU from b (for fuzzing and tests): it returns the frame and how many
+// parsePDU parses one PDU from b (for fuzzing and tests): it returns the frame and how many
 // bytes it used.
 func parsePDU(b []byte, headerDigest, dataDigest bool) (*frame, int, error) {
 	r := &countReader{b: b}
@@ -278,27 +297,28 @@ func (r *countReader) Read(p []byte) (int, error) {
 	return k, nil
 }
 
-// AppendPDU encodes h (with AHS and data) the way the writer does; used by tests and by the
-// login phase. ahs must be a multiple of 4 bytes.
-func appendPDU(dst []byte, h *bhs, ahs, data []byte, headerDigest, dataDigest bool) []byte {
-	hh := *h
-	hh[4] = byte(len(ahs) / 4)
-	hh.setDataLen(len(data))
-	start := len(dst)
-	dst = append(dst, hh[:]...)
-	dst = append(dst, ahs...)
+// appendIOV appends the wire form of p (header, header digest, data, padding, data digest)
+// to iov, computing the digests in p's own slots: the one PDU encoder of the target. Callers
+// must have set the header's data length.
+func appendIOV(iov [][]byte, p *outPDU, headerDigest, dataDigest bool) [][]byte {
+	n := bhsLen
 	if headerDigest {
-		dst = binary.LittleEndian.AppendUint32(dst, crc32c(0, dst[start:]))
+		binary.LittleEndian.PutUint32(p.hdr[bhsLen:], crc32c(0, p.hdr[:bhsLen]))
+		n += 4
 	}
-	if len(data) > 0 {
-		ds := len(dst)
-		dst = append(dst, data...)
-		dst = append(dst, zeroPad[:pad4(len(data))]...)
+	iov = append(iov, p.hdr[:n])
+	if len(p.data) > 0 {
+		iov = append(iov, p.data)
+		pad := zeroPad[:pad4(len(p.data))]
+		if len(pad) > 0 {
+			iov = append(iov, pad)
+		}
 		if dataDigest {
-			dst = binary.LittleEndian.AppendUint32(dst, crc32c(0, dst[ds:]))
+			binary.LittleEndian.PutUint32(p.ddig[:], crc32c(crc32c(0, p.data), pad))
+			iov = append(iov, p.ddig[:])
 		}
 	}
-	return dst
+	return iov
 }
 
 var zeroPad [4]byte

@@ -5,6 +5,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"testing"
+
+	"nstarget/target/scsi"
 )
 
 func TestCRC32CMatchesRFC3720Vectors(t *testing.T) {
@@ -29,7 +31,7 @@ func scsiCmdHeader(itt, edtl, cmdSN uint32, cdb []byte) bhs {
 	var h bhs
 	h[0] = opSCSICmd
 	h[1] = flagFinal | flagRead
-	binary.BigEndian.PutUint64(h[8:16], encodeLUN(3))
+	binary.BigEndian.PutUint64(h[8:16], scsi.EncodeLUN(3))
 	h.setU32(offITT, itt)
 	h.setU32(offTTT, edtl)
 	h.setU32(offCmdSN, cmdSN)
@@ -64,9 +66,9 @@ func TestPDURoundTripWithAHSDataPaddingAndDigests(t *testing.T) {
 		}
 		f, n, err := parsePDU(wire, dig.hd, dig.dd)
 		if err != nil || n != len(wire) {
-			t.Fatalf("digests %+v: ParsePDU: n=%d err=%v", dig, n, err)
+			t.Fatalf("digests %+v: parsePDU: n=%d err=%v", dig, n, err)
 		}
-		if !bytes.Equal(f.Data, data) || f.BHS.itt() != 7 || f.BHS.u32(offTTT) != 4096 || decodeLUN(f.BHS.lunRaw()) != 3 {
+		if !bytes.Equal(f.Data, data) || f.BHS.itt() != 7 || f.BHS.u32(offTTT) != 4096 || scsi.DecodeLUN(f.BHS.lunRaw()) != 3 {
 			t.Fatalf("digests %+v: fields lost in round trip", dig)
 		}
 		var buf [maxCDBLen]byte
@@ -102,14 +104,6 @@ func TestBadAHSLengthIsRejected(t *testing.T) {
 	wire := appendPDU(nil, &h, ahs, nil, false, false)
 	if _, _, err := parsePDU(wire, false, false); err == nil {
 		t.Fatal("AHS longer than the header was accepted")
-	}
-}
-
-func TestLUNEncodingRoundTrips(t *testing.T) {
-	for _, l := range []uint64{0, 1, 255, 256, 1000, 0x3fff} {
-		if got := decodeLUN(encodeLUN(l)); got != l {
-			t.Errorf("LUN %d -> %d", l, got)
-		}
 	}
 }
 
@@ -151,4 +145,47 @@ func FuzzParsePDU(f *testing.F) {
 			t.Fatalf("re-encode not stable: %v", err)
 		}
 	})
+}
+
+// appendPDU encodes a whole PDU, AHS included, into dst: the test initiator's encoder (the
+// target encodes with appendIOV, and TestAppendIOVMatchesTheTestEncoder keeps them equal). ahs must be a multiple of 4 bytes.
+func appendPDU(dst []byte, h *bhs, ahs, data []byte, headerDigest, dataDigest bool) []byte {
+	hh := *h
+	hh[4] = byte(len(ahs) / 4)
+	hh.setDataLen(len(data))
+	start := len(dst)
+	dst = append(dst, hh[:]...)
+	dst = append(dst, ahs...)
+	if headerDigest {
+		dst = binary.LittleEndian.AppendUint32(dst, crc32c(0, dst[start:]))
+	}
+	if len(data) > 0 {
+		ds := len(dst)
+		dst = append(dst, data...)
+		dst = append(dst, zeroPad[:pad4(len(data))]...)
+		if dataDigest {
+			dst = binary.LittleEndian.AppendUint32(dst, crc32c(0, dst[ds:]))
+		}
+	}
+	return dst
+}
+
+func TestAppendIOVMatchesTheTestEncoder(t *testing.T) {
+	for _, n := range []int{0, 1, 4, 5, 8192} {
+		for _, dig := range [][2]bool{{false, false}, {true, false}, {true, true}} {
+			var p outPDU
+			h := p.bhs()
+			h[0] = opDataIn
+			h.setU32(offITT, 42)
+			p.data = pattern(n, byte(n))
+			h.setDataLen(n)
+			var got []byte
+			for _, b := range appendIOV(nil, &p, dig[0], dig[1]) {
+				got = append(got, b...)
+			}
+			if want := appendPDU(nil, h, nil, p.data, dig[0], dig[1]); !bytes.Equal(got, want) {
+				t.Fatalf("%d bytes, digests %v: wire form differs", n, dig)
+			}
+		}
+	}
 }

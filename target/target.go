@@ -4,9 +4,13 @@
 // Data-In, task management and access control; SCSI semantics live in target/scsi.
 //
 // It must never: listen or dial by itself, show one tenant anything of another tenant (targets,
-// sessions, LUNs), or let one connection's failure or panic affect another connection.
+// sessions, LUNs), let one connection's failure or panic affect another connection, or let one
+// tenant hold what another tenant needs: every connection, session, command and buffer byte is
+// charged to its tenant, bounded by the tenant's limits and its fair share of the server's, and
+// given back on every path.
 //
-// Design, goroutine ownership, limits and measured numbers: README.md.
+// The session logic is a pure state machine (core) that the connection's I/O edge feeds with
+// events. Design, resource ownership, goroutines, limits and measured numbers: README.md.
 package target
 
 import (
@@ -19,33 +23,52 @@ import (
 	"sync/atomic"
 	"time"
 
+	"nstarget/target/iscsiname"
 	"nstarget/target/scsi"
 )
+
+// ErrRefused wraps the error of a connection that was refused because its tenant, or the
+// server, is at a limit; the refusal itself is already logged, rate-limited.
+var ErrRefused = errors.New("refused at a limit")
 
 // Options configure a Server. The zero value is usable.
 type Options struct {
 	Logger      *slog.Logger  // default slog.Default()
 	NopInterval time.Duration // idle time before the target pings a connection; default 5s
-	NopTimeout  time.Duration // no answer within this closes the connection; default 30s
-	QueueDepth  int           // commands in flight per session (MaxCmdSN window); default 128
+	// NopTimeout: a connection that completes no PDU for NopInterval+NopTimeout (no answer
+	// to pings, or stalled in the middle of a PDU), or writes nothing of what it owes the
+	// initiator for NopTimeout, is closed. Default 30s.
+	NopTimeout time.Duration
+	QueueDepth int // commands in flight per session (MaxCmdSN window); default 128
 	// Policy overrides the negotiation limits offered to initiators (zero: DefaultPolicy()).
 	Policy Policy
+	// TenantLimits apply to every tenant that does not set its own (zero fields:
+	// DefaultTenantLimits()).
+	TenantLimits Limits
+	// MaxBufferBytes bounds data buffers of all tenants together; default 2 GiB.
+	MaxBufferBytes int64
+	// MaxConnections bounds open connections of all tenants together; default RLIMIT_NOFILE
+	// less FDReserve, so accepting never runs the process out of descriptors.
+	MaxConnections int
+	// FDReserve is how many descriptors are kept free of connections for listeners, volumes
+	// and logs when MaxConnections is derived; default 256.
+	FDReserve int
 }
 
-// Server is shared by all tenants: it holds every target and its sessions.
+// Server is shared by all tenants: it holds every tenant, target and session, and the
+// ledger that keeps each tenant within its limits and its fair share.
 type Server struct {
 	opts   Options
 	log    *slog.Logger
 	policy Policy
 	bufs   bufPool
-
-	bufBytes  atomic.Int64 // data buffer bytes held by all connections' tasks
-	bufBudget int64        // limit for bufBytes (serverBufBudget; lowered by tests)
+	ledger *ledger
+	limits *refusalLog
 
 	nextNexus atomic.Uint64
 
 	mu       sync.Mutex
-	targets  map[*Target]struct{}
+	tenants  map[*Tenant]struct{}
 	sessions map[sessionKey]*session
 	tsihs    map[uint16]*session
 	nextTSIH uint16
@@ -53,11 +76,10 @@ type Server struct {
 	closing  bool
 }
 
-type sessionKey struct {
-	tg        *Target
-	initiator string
-	isid      [6]byte
-}
+const (
+	defaultMaxBufferBytes = 2 << 30
+	defaultFDReserve      = 256
+)
 
 // NewServer makes a Server.
 func NewServer(opts Options) *Server {
@@ -73,19 +95,33 @@ func NewServer(opts Options) *Server {
 	if opts.QueueDepth <= 0 {
 		opts.QueueDepth = 128
 	}
+	if opts.MaxBufferBytes <= 0 {
+		opts.MaxBufferBytes = defaultMaxBufferBytes
+	}
+	if opts.FDReserve <= 0 {
+		opts.FDReserve = defaultFDReserve
+	}
+	if opts.MaxConnections <= 0 {
+		opts.MaxConnections = max(64, openFileLimit()-opts.FDReserve)
+	}
+	opts.TenantLimits = opts.TenantLimits.orDefault(DefaultTenantLimits())
 	pol := opts.Policy
 	if pol.MaxRecvDataSegmentLength == 0 {
 		pol = DefaultPolicy()
 	}
+	conns := int64(opts.MaxConnections)
 	return &Server{
-		opts:      opts,
-		log:       opts.Logger,
-		bufBudget: serverBufBudget,
-		policy:    pol,
-		targets:   make(map[*Target]struct{}),
-		sessions:  make(map[sessionKey]*session),
-		tsihs:     make(map[uint16]*session),
-		conns:     make(map[*conn]struct{}),
+		opts:   opts,
+		log:    opts.Logger,
+		policy: pol,
+		// Sessions and commands are bounded per tenant and, through connections and the
+		// CmdSN window, per server; their server-wide limits only need to be no tighter.
+		ledger:   newLedger([numResources]int64{conns, conns, conns * int64(opts.QueueDepth+maxImmediate), opts.MaxBufferBytes}),
+		limits:   newRefusalLog(refusalLogEvery),
+		tenants:  make(map[*Tenant]struct{}),
+		sessions: make(map[sessionKey]*session),
+		tsihs:    make(map[uint16]*session),
+		conns:    make(map[*conn]struct{}),
 	}
 }
 
@@ -99,7 +135,6 @@ type TargetConfig struct {
 
 // Target is one iSCSI target with its sessions. The same IQN in two tenants is two Targets.
 type Target struct {
-	srv    *Server
 	cfg    TargetConfig
 	dev    device
 	allow  map[string]bool
@@ -109,29 +144,23 @@ type Target struct {
 // IQN returns the target's name.
 func (tg *Target) IQN() string { return tg.cfg.IQN }
 
-// NewTarget registers a target with the server.
+// NewTarget makes a target; add it to a Tenant's Targets to serve it.
 func (s *Server) NewTarget(cfg TargetConfig) (*Target, error) {
-	if cfg.IQN == "" {
-		return nil, errors.New("target: empty IQN")
+	if err := iscsiname.Check(cfg.IQN); err != nil {
+		return nil, fmt.Errorf("target: %w", err)
 	}
-	if len(cfg.IQN) > 223 {
-		return nil, fmt.Errorf("target %q: name longer than 223 bytes", cfg.IQN)
-	}
-	return s.newTarget(cfg, scsi.NewDevice(cfg.LUNs))
+	return newTarget(cfg, scsi.NewDevice(cfg.LUNs)), nil
 }
 
-func (s *Server) newTarget(cfg TargetConfig, dev device) (*Target, error) {
-	tg := &Target{srv: s, cfg: cfg, dev: dev}
+func newTarget(cfg TargetConfig, dev device) *Target {
+	tg := &Target{cfg: cfg, dev: dev}
 	if len(cfg.Initiators) > 0 {
 		tg.allow = make(map[string]bool, len(cfg.Initiators))
 		for _, n := range cfg.Initiators {
 			tg.allow[n] = true
 		}
 	}
-	s.mu.Lock()
-	s.targets[tg] = struct{}{}
-	s.mu.Unlock()
-	return tg, nil
+	return tg
 }
 
 func (tg *Target) allows(initiator string) bool {
@@ -147,11 +176,25 @@ type device interface {
 	NexusLoss(nexus *scsi.Nexus)
 }
 
-// Tenant is what connections of one tenant may see: only these targets are discovered or
-// reachable by login.
+// Tenant is what connections of one tenant may see (only these targets are discovered or
+// reachable by login) and what they may hold. Make it with Server.NewTenant and set Targets
+// before serving it.
 type Tenant struct {
 	Name    string
 	Targets []*Target
+	Limits  Limits // resolved: the tenant's own, server defaults filled in
+	acct    account
+	closed  atomic.Bool
+}
+
+// NewTenant registers a tenant; lim's zero fields take Options.TenantLimits.
+func (s *Server) NewTenant(name string, lim Limits) *Tenant {
+	t := &Tenant{Name: name, Limits: lim.orDefault(s.opts.TenantLimits)}
+	t.acct.limit = t.Limits.array()
+	s.mu.Lock()
+	s.tenants[t] = struct{}{}
+	s.mu.Unlock()
+	return t
 }
 
 func (t *Tenant) find(iqn string) *Target {
@@ -163,11 +206,41 @@ func (t *Tenant) find(iqn string) *Target {
 	return nil
 }
 
+// Stats is what is held right now, server-wide and by each tenant (by name).
+type Stats struct {
+	Total   Usage            `json:"total"`
+	Tenants map[string]Usage `json:"tenants"`
+}
+
+// Stats reports current holdings.
+func (s *Server) Stats() Stats {
+	st := Stats{Total: usageOf(&s.ledger.used), Tenants: make(map[string]Usage)}
+	s.mu.Lock()
+	for t := range s.tenants {
+		st.Tenants[t.Name] = usageOf(&t.acct.used)
+	}
+	s.mu.Unlock()
+	return st
+}
+
 // ServeConn speaks iSCSI on c for tenant t until the connection ends, ctx is done, or the
 // server shuts down; it closes c before returning. attrs are added to every log line of the
 // connection (e.g. namespace and its id). The portal reported by SendTargets is c.LocalAddr(),
-// the address the initiator dialled.
+// the address the initiator dialled. A connection beyond the tenant's limit or its fair share
+// of the server's is closed at once.
 func (s *Server) ServeConn(ctx context.Context, c net.Conn, t *Tenant, attrs ...slog.Attr) error {
+	if t.closed.Load() {
+		c.Close()
+		return fmt.Errorf("target: tenant %s is closed", t.Name)
+	}
+	if r := s.ledger.take(&t.acct, resConns, 1); r != granted {
+		c.Close()
+		s.refused(s.log.With(slog.String("tenant", t.Name), slog.String("remote", c.RemoteAddr().String())), t,
+			"connection-limit", "connection refused: too many connections", "refused_by", r.String(),
+			"tenant_limit", t.acct.limit[resConns])
+		return fmt.Errorf("target: tenant %s: connection %w: %s", t.Name, ErrRefused, r)
+	}
+	defer s.ledger.give(&t.acct, resConns, 1)
 	cn := newConn(s, c, t, attrs)
 	s.mu.Lock()
 	if s.closing {
@@ -185,15 +258,16 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn, t *Tenant, attrs ...
 	return cn.serve(ctx)
 }
 
-// CloseTarget ends every session of tg (used when its tenant goes offline) and unregisters it.
-func (s *Server) CloseTarget(tg *Target) {
-	tg.closed.Store(true)
+// CloseTenant ends every connection of t, waits for them and unregisters t: when it returns,
+// the tenant's sessions are gone and everything they held has been given back. New
+// connections of t are refused from the moment it is called.
+func (s *Server) CloseTenant(t *Tenant) {
+	t.closed.Store(true)
 	s.mu.Lock()
-	delete(s.targets, tg)
 	var victims []*conn
-	for k, ss := range s.sessions {
-		if k.tg == tg {
-			victims = append(victims, ss.conn)
+	for c := range s.conns {
+		if c.tenant == t {
+			victims = append(victims, c)
 		}
 	}
 	s.mu.Unlock()
@@ -203,6 +277,9 @@ func (s *Server) CloseTarget(tg *Target) {
 	for _, c := range victims {
 		<-c.done
 	}
+	s.mu.Lock()
+	delete(s.tenants, t)
+	s.mu.Unlock()
 }
 
 // Shutdown asks every session to log out (Async Message), waits for them until ctx is done,
@@ -231,59 +308,15 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	return err
 }
 
-// admit registers a new normal session, reinstating (closing) an older one with the same
-// initiator name and ISID on the same target; it returns the session with its TSIH.
-func (s *Server) admit(ss *session) (uint16, uint16) {
-	key := ss.key
-	s.mu.Lock()
-	if s.closing {
-		s.mu.Unlock()
-		return 0, 0x0301 // service unavailable
+// refused logs a refusal (a limit reached) at most once per refusalLogEvery per tenant and
+// reason, with how many were suppressed since the last line.
+func (s *Server) refused(log *slog.Logger, t *Tenant, reason, msg string, attrs ...any) {
+	ok, suppressed := s.limits.allow(t.Name + "\x00" + reason)
+	if !ok {
+		return
 	}
-	if ss.tg.closed.Load() {
-		s.mu.Unlock()
-		return 0, 0x0204 // target removed
+	if suppressed > 0 {
+		attrs = append(attrs, "suppressed", suppressed)
 	}
-	old := s.sessions[key]
-	if old != nil {
-		delete(s.sessions, key)
-		delete(s.tsihs, old.tsih)
-	}
-	s.mu.Unlock()
-	if old != nil {
-		ss.conn.log.Info("reinstating session: closing the old one with the same initiator and ISID", "old_tsih", old.tsih)
-		old.conn.kill()
-		select {
-		case <-old.conn.done:
-		case <-time.After(10 * time.Second):
-			return 0, loginTargetError
-		}
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for i := 0; i < 65536; i++ {
-		s.nextTSIH++
-		if s.nextTSIH == 0 {
-			continue
-		}
-		if _, used := s.tsihs[s.nextTSIH]; !used {
-			break
-		}
-	}
-	ss.tsih = s.nextTSIH
-	s.tsihs[ss.tsih] = ss
-	s.sessions[key] = ss
-	return ss.tsih, 0
-}
-
-// release removes ss from the registry if it is still the registered session.
-func (s *Server) release(ss *session) {
-	s.mu.Lock()
-	if s.sessions[ss.key] == ss {
-		delete(s.sessions, ss.key)
-	}
-	if s.tsihs[ss.tsih] == ss {
-		delete(s.tsihs, ss.tsih)
-	}
-	s.mu.Unlock()
+	log.Info(msg, append(attrs, "reason", reason)...)
 }

@@ -6,7 +6,7 @@ import (
 	"fmt"
 )
 
-// KV is one text key=value pair (RFC 7143 §6.1).
+// textKV is one text key=value pair (RFC 7143 §6.1).
 type textKV struct{ Key, Value string }
 
 const (
@@ -14,7 +14,7 @@ const (
 	maxValueLen = 8192 // allows long binary/CHAP values; ours are far shorter
 )
 
-// ParseTextKeys splits a text data segment into key=value pairs in order. A trailing
+// parseTextKeys splits a text data segment into key=value pairs in order. A trailing
 // fragment without NUL is an error unless partial is true (C bit set), in which case it is
 // returned as rest for the next PDU to complete.
 func parseTextKeys(data []byte, partial bool) (kvs []textKV, rest []byte, err error) {
@@ -54,7 +54,7 @@ func truncate(b []byte) []byte {
 	return b
 }
 
-// AppendTextKeys encodes pairs as key=value\0.
+// appendTextKeys encodes pairs as key=value\0.
 func appendTextKeys(dst []byte, kvs []textKV) []byte {
 	for _, kv := range kvs {
 		dst = append(dst, kv.Key...)

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	_ "embed"
 	"errors"
 	"flag"
 	"fmt"
@@ -21,9 +20,6 @@ import (
 	"nstarget/conf"
 	"nstarget/netnsmux"
 )
-
-//go:embed demo.toml
-var demoConfig string
 
 // demoTools are what the demo's initiators need; scripts/deps.sh installs them.
 var demoTools = []string{"ip", "iscsi-ls", "iscsi-readcapacity16", "qemu-io"}
@@ -229,8 +225,6 @@ var (
 	targetLine = regexp.MustCompile(`Target:(\S+)`)
 	sizeLine   = regexp.MustCompile(`Total size:\s*(\d+)`)
 )
-
-const demoIQN = "iqn.2026-11.io.nstarget:demo"
 
 func (t *demoTenant) discoverAndWrite(ctx context.Context) {
 	out, err := inNetns(ctx, t.iniNetns, "iscsi-ls", "-s", "iscsi://10.0.0.1")

@@ -42,8 +42,12 @@ const usageText = `usage: nstarget <command> [flags]
 
 commands:
   serve   -c FILE [-pprof 127.0.0.1:6060]
-                    serve every tenant of FILE until SIGINT/SIGTERM; -pprof serves Go's
-                    profiler (unauthenticated: keep it on loopback) in the root namespace
+                    serve every tenant of FILE until SIGINT/SIGTERM; -pprof serves, in the
+                    root namespace and unauthenticated (keep it on loopback), Go's profiler
+                    at /debug/pprof/ and at /debug/usage the JSON of what is held now:
+                    {"total":{…},"tenants":{"NAME":{…}},"process":{"fds","rss_bytes","threads"}}
+                    with connections, sessions, commands and buffer_bytes per tenant
+                    (/debug/usage?gc=1 first collects garbage and returns it to the OS)
   check   -c FILE   validate FILE (and the volumes it names) without serving; exit 1 if invalid
   demo    [-exit]   three tenants with identical addresses and IQNs, real initiators, one process
   example           print an annotated configuration file
@@ -99,6 +103,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch {
 	case err == nil:
 		return exitOK
+	case errors.Is(err, errHelp):
+		fmt.Fprint(stdout, usageText)
+		return exitOK
 	case errors.As(err, &ue):
 		fmt.Fprintf(stderr, "nstarget %s: %s\nrun 'nstarget help' for usage\n", cmd, ue.msg)
 		return exitUsage
@@ -115,13 +122,16 @@ func noArgs(cmd string, args []string) error {
 	return nil
 }
 
+// errHelp is a command's -h: run prints the usage and exits 0, like 'nstarget help'.
+var errHelp = errors.New("help requested")
+
 // parseFlags parses fs quietly and turns its complaints into usage errors that name the
 // argument.
 func parseFlags(fs *flag.FlagSet, args []string) error {
 	fs.SetOutput(io.Discard)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			return usageError{"help requested"}
+			return errHelp
 		}
 		return usageError{err.Error()}
 	}
@@ -219,8 +229,9 @@ func cmdServe(args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	usage := &usageHandler{}
 	if *pprofAddr != "" {
-		ln, err := listenPprof(*pprofAddr)
+		ln, err := listenPprof(*pprofAddr, usage)
 		if err != nil {
 			return err
 		}
@@ -238,7 +249,7 @@ func cmdServe(args []string, stderr io.Writer) error {
 		<-ctx.Done()
 		stop()
 	}()
-	return serve(ctx, cfg, serveOptions{Logger: log})
+	return serve(ctx, cfg, serveOptions{Logger: log, OnServer: usage.srv.Store})
 }
 
 func version() string {

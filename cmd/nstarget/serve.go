@@ -23,6 +23,9 @@ type serveOptions struct {
 	OnEvent func(netnsmux.Event)
 	// ShutdownTimeout bounds how long sessions get to log out; default 10s.
 	ShutdownTimeout time.Duration
+	// OnServer, if set, receives the target server as soon as it exists (e.g. to report its
+	// Stats).
+	OnServer func(*target.Server)
 }
 
 // checkPool runs the pool's shrink and name checks without creating anything: if data_dir does
@@ -70,7 +73,10 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 		return err
 	}
 
-	srv := target.NewServer(target.Options{Logger: log})
+	srv := target.NewServer(targetOptions(log, cfg.Server, raiseFDLimit(log)))
+	if opts.OnServer != nil {
+		opts.OnServer(srv)
+	}
 	byNetns := make(map[string]*tenantRun, len(cfg.Tenants))
 	for _, tn := range cfg.Tenants {
 		rt, err := buildTenant(pool, srv, tn)
@@ -122,7 +128,9 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 		defer close(acceptDone)
 		acceptLoop(acceptCtx, log, mux, srv, byNetns, connCtx, &conns)
 	}()
-	log.Info("serving", "tenants", len(cfg.Tenants), "data_dir", cfg.Server.DataDir, "netns_dir", cfg.Server.NetnsDir)
+	log.Info("serving", "tenants", len(cfg.Tenants), "data_dir", cfg.Server.DataDir, "netns_dir", cfg.Server.NetnsDir,
+		"max_buffer", cfg.Server.MaxBuffer, "max_connections", cfg.Server.MaxConnections,
+		"nop_interval", cfg.Server.NopInterval, "nop_timeout", cfg.Server.NopTimeout)
 
 	var runErr error
 	select {
@@ -158,10 +166,10 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 	return nil
 }
 
-// buildTenant opens the tenant's volumes and registers its targets. Volumes stay open until the
-// pool is closed.
+// buildTenant opens the tenant's volumes and registers the tenant, with its limits, and its
+// targets. Volumes stay open until the pool is closed.
 func buildTenant(pool *backend.Pool, srv *target.Server, tn *conf.Tenant) (*tenantRun, error) {
-	rt := &tenantRun{cfg: tn, t: &target.Tenant{Name: tn.Name}}
+	rt := &tenantRun{cfg: tn, t: srv.NewTenant(tn.Name, targetLimits(tn.Limits))}
 	for _, tc := range tn.Targets {
 		luns := make(map[uint64]*scsi.LU, len(tc.LUNs))
 		for _, l := range tc.LUNs {
@@ -220,7 +228,11 @@ func acceptLoop(ctx context.Context, log *slog.Logger, mux *netnsmux.Mux, srv *t
 			log.LogAttrs(connCtx, slog.LevelDebug, "connection accepted", attrs...)
 			err := srv.ServeConn(connCtx, c, rt.t, nsAttrs...)
 			lv := slog.LevelInfo
-			if err != nil && !errors.Is(err, context.Canceled) {
+			switch {
+			case errors.Is(err, target.ErrRefused):
+				// The target logged the refusal, rate-limited; a flood must not return here.
+				lv = slog.LevelDebug
+			case err != nil && !errors.Is(err, context.Canceled):
 				lv = slog.LevelWarn
 			}
 			log.LogAttrs(context.Background(), lv, "connection ended", append(attrs, slog.Any("err", err))...)

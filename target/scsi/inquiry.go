@@ -190,12 +190,12 @@ func (lu *LU) requestSense(cmd *Command) Result {
 	alloc := uint32(cdb[4])
 	n := nexusOf(cmd)
 	code := ascNone
-	key := byte(keyNoSense)
+	key := byte(SenseNoSense)
 	lu.mu.Lock()
 	if ns := lu.nexuses[n.ID]; ns != nil && len(ns.ua) > 0 {
 		code = ns.ua[0]
 		ns.ua = ns.ua[1:]
-		key = keyUnitAttention
+		key = SenseUnitAttention
 		lu.recomputeGate()
 	}
 	lu.mu.Unlock()

@@ -139,18 +139,6 @@ func sanitizeASCII(s string, max int) string {
 	return b.String()
 }
 
-// Volume is the backing volume.
-func (lu *LU) Volume() backend.Volume { return lu.vol }
-
-// BlockSize is the logical block size in bytes.
-func (lu *LU) BlockSize() uint32 { return lu.bs }
-
-// Blocks is the number of logical blocks.
-func (lu *LU) Blocks() uint64 { return lu.nblocks }
-
-// MaxTransferBytes is the largest data transfer one READ/WRITE may ask for (Block Limits VPD).
-func (lu *LU) MaxTransferBytes() uint32 { return lu.maxXferBlocks * lu.bs }
-
 // recomputeGate must be called with mu held after any change to UAs or reservations.
 func (lu *LU) recomputeGate() {
 	var g int32
@@ -234,7 +222,7 @@ func (lu *LU) nexusLoss(n *Nexus) {
 	lu.recomputeGate()
 }
 
-// nexusID tolerates a nil nexus (tests, internal callers): all such commands share ID 0.
+// nexusOf tolerates a nil nexus (tests, internal callers): all such commands share ID 0.
 func nexusOf(cmd *Command) *Nexus {
 	if cmd.Nexus != nil {
 		return cmd.Nexus
@@ -263,7 +251,7 @@ func (lu *LU) execute(cmd *Command) Result {
 	return info.handler(lu, cmd)
 }
 
-// knownNexus caches whether a nexus has state here; new nexuses take the slow path once so
+// knowsNexus caches whether a nexus has state here; new nexuses take the slow path once so
 // they get registered for unit attentions.
 func (lu *LU) knowsNexus(cmd *Command) bool {
 	m := lu.known.Load()
@@ -295,7 +283,7 @@ func (lu *LU) gateCheck(cmd *Command, info *opInfo) (Result, bool) {
 		code := ns.ua[0]
 		ns.ua = ns.ua[1:]
 		lu.recomputeGate()
-		return checkCond(keyUnitAttention, code), true
+		return checkCond(SenseUnitAttention, code), true
 	}
 	if lu.reservationConflictLocked(n, ns, info, cmd.CDB) {
 		return reservationConflict(), true

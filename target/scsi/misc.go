@@ -1,5 +1,7 @@
 package scsi
 
+import "encoding/binary"
+
 func (lu *LU) startStopUnit(cmd *Command) Result {
 	cdb := cmd.CDB
 	pc := cdb[4] >> 4
@@ -157,22 +159,10 @@ func (d *Device) reportLUNs(cmd *Command) Result {
 	luns := d.sorted
 	out := make([]byte, 8, 8+8*len(luns))
 	for _, l := range luns {
-		out = append(out, encodeLUN(l)...)
+		out = binary.BigEndian.AppendUint64(out, EncodeLUN(l))
 	}
 	put32(out[0:], uint32(len(out)-8))
 	return dataIn(cmd, out, alloc)
-}
-
-// encodeLUN uses peripheral addressing below 256 and flat space addressing above.
-func encodeLUN(l uint64) []byte {
-	b := make([]byte, 8)
-	if l < 256 {
-		b[1] = byte(l)
-	} else {
-		b[0] = 0x40 | byte(l>>8&0x3F)
-		b[1] = byte(l)
-	}
-	return b
 }
 
 // noSuchLUN answers commands to a LUN that is not in the map (SPC-5 4.6.4 / 6.7.2).
@@ -196,7 +186,7 @@ func noSuchLUN(cmd *Command) Result {
 		if len(cdb) < 6 {
 			return invalidCDB(len(cdb), -1)
 		}
-		s := buildSense(keyIllegalRequest, ascLUNotSupported, 0, false, noField)
+		s := buildSense(SenseIllegalRequest, ascLUNotSupported, 0, false, noField)
 		return dataIn(cmd, s, uint32(cdb[4]))
 	}
 	return illegal(ascLUNotSupported)

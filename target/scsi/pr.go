@@ -124,7 +124,7 @@ func (p *prState) remove(r *registrant) {
 	}
 }
 
-// uaPorts queues code for every nexus of the given registrants.
+// uaForRegs queues code for every nexus of the given registrants except skip; mu must be held.
 func (lu *LU) uaForRegs(code asc, regs []*registrant, skip *Nexus) {
 	ports := make(map[string]bool, len(regs))
 	for _, r := range regs {

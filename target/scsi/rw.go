@@ -305,7 +305,7 @@ func (lu *LU) compareAndWrite(cmd *Command) Result {
 // invalidDataSize is INVALID FIELD IN CDB for Data-Out sized differently from what the CDB
 // needs, where a partial execution would be wrong.
 func invalidDataSize() Result {
-	return Result{Status: StatusCheckCondition, Sense: buildSense(keyIllegalRequest, ascInvalidFieldCDB, 0, false, noField)}
+	return Result{Status: StatusCheckCondition, Sense: buildSense(SenseIllegalRequest, ascInvalidFieldCDB, 0, false, noField)}
 }
 
 // orWrite (ORWRITE 16): medium = medium OR data, atomically per LU.

@@ -23,6 +23,17 @@ const (
 	StatusTaskSetFull         = 0x28
 )
 
+// Sense keys (SPC-5 4.4.8).
+const (
+	SenseNoSense        = 0x00
+	SenseMediumError    = 0x03
+	SenseIllegalRequest = 0x05
+	SenseUnitAttention  = 0x06
+	SenseDataProtect    = 0x07
+	SenseAbortedCommand = 0x0B
+	SenseMiscompare     = 0x0E
+)
+
 // Nexus identifies an I_T nexus (one iSCSI session): reservations, registrations and unit
 // attentions are kept per nexus.
 type Nexus struct {
@@ -37,7 +48,7 @@ type Nexus struct {
 // Command is one SCSI command as the transport received it.
 type Command struct {
 	Nexus       *Nexus
-	LUN         uint64 // decoded flat LUN number
+	LUN         uint64 // DecodeLUN of the transport's 8-byte LUN field
 	CDB         []byte
 	Tag         uint32
 	ExpectedLen uint32 // transport's expected data transfer length
@@ -134,8 +145,41 @@ func (d *Device) NexusLoss(nexus *Nexus) {
 	}
 }
 
-// LUNs lists the device's LUN numbers in ascending order.
-func (d *Device) LUNs() []uint64 { return slices.Clone(d.sorted) }
+// CheckCondition is CHECK CONDITION with fixed-format sense (key, ASC, ASCQ), for the errors
+// the transport finds itself (a broken Data-Out sequence, a CDB it cannot deliver), so that
+// every sense the initiator sees comes from one builder.
+func CheckCondition(key, asc, ascq byte) Result {
+	return checkCond(key, ascCode(asc, ascq))
+}
 
-// LU returns the logical unit at lun, or nil.
-func (d *Device) LU(lun uint64) *LU { return d.luns[lun] }
+// EncodeLUN is the 8-byte SAM-5 LUN field, as a big-endian integer, for LUN numbers below
+// 16384: peripheral device addressing below 256, flat space addressing above. Larger values
+// cannot be addressed that way and are returned as they are, the raw field that DecodeLUN
+// passes through.
+func EncodeLUN(lun uint64) uint64 {
+	switch {
+	case lun < 256:
+		return lun << 48
+	case lun < 1<<14:
+		return (0x4000 | lun) << 48
+	}
+	return lun
+}
+
+// DecodeLUN is the LUN number of an 8-byte LUN field (big-endian) in peripheral device
+// addressing on bus 0 or flat space addressing. Anything else (another bus, another method) is
+// returned raw: it is not a number EncodeLUN hands out, so it names no LU and gets LOGICAL
+// UNIT NOT SUPPORTED instead of aliasing one. Only the first level is read; initiators may
+// leave the others non-zero.
+func DecodeLUN(raw uint64) uint64 {
+	first := uint16(raw >> 48)
+	switch first >> 14 {
+	case 0:
+		if first>>8 == 0 {
+			return uint64(first & 0xff)
+		}
+	case 1:
+		return uint64(first & 0x3fff)
+	}
+	return raw
+}

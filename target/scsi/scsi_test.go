@@ -1,8 +1,14 @@
+//go:build linux
+
+// These tests run on the real volume pool (fdatasync, hole punching, SEEK_DATA), which is
+// Linux only.
+
 package scsi
 
 import (
 	"bytes"
 	"encoding/binary"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -25,15 +31,17 @@ func (c *countingVolume) Sync() error {
 }
 
 type fixture struct {
-	t   *testing.T
-	dev *Device
-	lu  *LU
-	vol *countingVolume
+	t    *testing.T
+	dev  *Device
+	lu   *LU
+	vol  *countingVolume
+	path string // the volume's file, for checks that must not trust the volume's own word
 }
 
 func newFixture(t testing.TB, cfg LUConfig) *fixture {
 	t.Helper()
-	pool, err := backend.OpenPool(t.TempDir())
+	dir := t.TempDir()
+	pool, err := backend.OpenPool(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -51,7 +59,7 @@ func newFixture(t testing.TB, cfg LUConfig) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &fixture{dev: NewDevice(map[uint64]*LU{0: lu}), lu: lu, vol: cv}
+	f := &fixture{dev: NewDevice(map[uint64]*LU{0: lu}), lu: lu, vol: cv, path: filepath.Join(dir, "lu0")}
 	if tt, ok := t.(*testing.T); ok {
 		f.t = tt
 	}
@@ -320,11 +328,11 @@ func first(r Result, _ []byte) Result { return r }
 func TestRangeAndLimitErrors(t *testing.T) {
 	f := newFixture(t, LUConfig{})
 	f.t = t
-	f.expectSense(first(f.run(nexusA, read10(testBlocks, 1), nil, 512)), keyIllegalRequest, ascLBAOutOfRange, "read at end")
-	f.expectSense(first(f.run(nexusA, read10(testBlocks-1, 2), nil, 1024)), keyIllegalRequest, ascLBAOutOfRange, "read across end")
-	f.expectSense(first(f.run(nexusA, rw16(opRead16, 1<<63, 1, 0), nil, 512)), keyIllegalRequest, ascLBAOutOfRange, "read at 2^63")
-	f.expectSense(first(f.run(nexusA, rw16(opRead16, ^uint64(0), 1, 0), nil, 512)), keyIllegalRequest, ascLBAOutOfRange, "read at 2^64-1 (wraps)")
-	f.expectSense(first(f.run(nexusA, rw16(opWrite16, testBlocks-1, 2, 0), make([]byte, 1024), 1024)), keyIllegalRequest, ascLBAOutOfRange, "write across end")
+	f.expectSense(first(f.run(nexusA, read10(testBlocks, 1), nil, 512)), SenseIllegalRequest, ascLBAOutOfRange, "read at end")
+	f.expectSense(first(f.run(nexusA, read10(testBlocks-1, 2), nil, 1024)), SenseIllegalRequest, ascLBAOutOfRange, "read across end")
+	f.expectSense(first(f.run(nexusA, rw16(opRead16, 1<<63, 1, 0), nil, 512)), SenseIllegalRequest, ascLBAOutOfRange, "read at 2^63")
+	f.expectSense(first(f.run(nexusA, rw16(opRead16, ^uint64(0), 1, 0), nil, 512)), SenseIllegalRequest, ascLBAOutOfRange, "read at 2^64-1 (wraps)")
+	f.expectSense(first(f.run(nexusA, rw16(opWrite16, testBlocks-1, 2, 0), make([]byte, 1024), 1024)), SenseIllegalRequest, ascLBAOutOfRange, "write across end")
 	f.expectGood(first(f.run(nexusA, read10(0, 0), nil, 0)), "read of zero blocks")
 
 	// Beyond the transfer limit but inside the medium is INVALID FIELD IN CDB.
@@ -338,9 +346,9 @@ func TestRangeAndLimitErrors(t *testing.T) {
 	lu, _ := NewLU(v, LUConfig{})
 	d := NewDevice(map[uint64]*LU{0: lu})
 	r := d.Execute(&Command{Nexus: nexusA, CDB: rw16(opRead16, 0, lu.maxXferBlocks+1, 0)})
-	f.expectSense(r, keyIllegalRequest, ascInvalidFieldCDB, "read beyond MAXIMUM TRANSFER LENGTH")
+	f.expectSense(r, SenseIllegalRequest, ascInvalidFieldCDB, "read beyond MAXIMUM TRANSFER LENGTH")
 	r = d.Execute(&Command{Nexus: nexusA, CDB: rw16(opRead16, 0, 1, 0x20)})
-	f.expectSense(r, keyIllegalRequest, ascInvalidFieldCDB, "RDPROTECT without protection")
+	f.expectSense(r, SenseIllegalRequest, ascInvalidFieldCDB, "RDPROTECT without protection")
 }
 
 func TestReadOnlyAndSoftwareWriteProtect(t *testing.T) {
@@ -353,7 +361,7 @@ func TestReadOnlyAndSoftwareWriteProtect(t *testing.T) {
 		{opUnmap, 0, 0, 0, 0, 0, 0, 0, 24, 0},
 	} {
 		r, _ := f.run(nexusA, cdb, data, len(data))
-		f.expectSense(r, keyDataProtect, ascWriteProtected, "write to read-only LU")
+		f.expectSense(r, SenseDataProtect, ascWriteProtected, "write to read-only LU")
 	}
 	f.expectGood(first(f.run(nexusA, read10(0, 1), nil, 512)), "read of read-only LU")
 	r, d := f.run(nexusA, []byte{opModeSense6, 0x08, pageAll, 0, 255, 0}, nil, 255)
@@ -371,9 +379,9 @@ func TestReadOnlyAndSoftwareWriteProtect(t *testing.T) {
 	page[4+4] = 0x08
 	w.expectGood(first(w.run(nexusB, []byte{opTestUnitReady, 0, 0, 0, 0, 0}, nil, 0)), "B talks to the LU")
 	w.expectGood(first(w.run(nexusA, []byte{opModeSelect6, 0x10, 0, 0, byte(len(page)), 0}, page, len(page))), "MODE SELECT SWP=1")
-	w.expectSense(first(w.run(nexusA, write10(0, 1, 0), data, 512)), keyDataProtect, ascWriteProtected, "write with SWP")
+	w.expectSense(first(w.run(nexusA, write10(0, 1, 0), data, 512)), SenseDataProtect, ascWriteProtected, "write with SWP")
 	// The other nexus learns about the change once.
-	w.expectSense(first(w.run(nexusB, read10(0, 1), nil, 512)), keyUnitAttention, ascModeParamsChanged, "UA after MODE SELECT")
+	w.expectSense(first(w.run(nexusB, read10(0, 1), nil, 512)), SenseUnitAttention, ascModeParamsChanged, "UA after MODE SELECT")
 	w.expectGood(first(w.run(nexusB, read10(0, 1), nil, 512)), "UA consumed")
 }
 
@@ -420,12 +428,12 @@ func TestUnmapThenGetLBAStatus(t *testing.T) {
 	// A descriptor past the end fails the whole command and unmaps nothing.
 	binary.BigEndian.PutUint64(param[8:], testBlocks-1)
 	binary.BigEndian.PutUint32(param[16:], 2)
-	f.expectSense(first(f.run(nexusA, []byte{opUnmap, 0, 0, 0, 0, 0, 0, 0, 24, 0}, param, 24)), keyIllegalRequest, ascLBAOutOfRange, "UNMAP beyond end")
+	f.expectSense(first(f.run(nexusA, []byte{opUnmap, 0, 0, 0, 0, 0, 0, 0, 24, 0}, param, 24)), SenseIllegalRequest, ascLBAOutOfRange, "UNMAP beyond end")
 	c := make([]byte, 16)
 	c[0], c[1] = opServiceActionIn, saGetLBAStatus
 	binary.BigEndian.PutUint64(c[2:], testBlocks)
 	binary.BigEndian.PutUint32(c[10:], 24)
-	f.expectSense(first(f.run(nexusA, c, nil, 24)), keyIllegalRequest, ascLBAOutOfRange, "GET LBA STATUS beyond end")
+	f.expectSense(first(f.run(nexusA, c, nil, 24)), SenseIllegalRequest, ascLBAOutOfRange, "GET LBA STATUS beyond end")
 }
 
 func TestWriteSameWritesAndUnmaps(t *testing.T) {
@@ -456,8 +464,8 @@ func TestWriteSameWritesAndUnmaps(t *testing.T) {
 	if !allZero(got[:512]) || !bytes.Equal(got[512:1024], block) || !bytes.Equal(got[1536:], block) {
 		t.Fatal("WRITE SAME with 0 blocks did not write exactly through the last LBA")
 	}
-	f.expectSense(first(f.run(nexusA, rw16(opWriteSame16, testBlocks, 0, 0), block, 512)), keyIllegalRequest, ascLBAOutOfRange, "WRITE SAME 0 blocks past the end")
-	f.expectSense(first(f.run(nexusA, rw16(opWriteSame16, 0, 1, 0), make([]byte, 1024), 1024)), keyIllegalRequest, ascInvalidFieldCDB, "WRITE SAME with two blocks of data")
+	f.expectSense(first(f.run(nexusA, rw16(opWriteSame16, testBlocks, 0, 0), block, 512)), SenseIllegalRequest, ascLBAOutOfRange, "WRITE SAME 0 blocks past the end")
+	f.expectSense(first(f.run(nexusA, rw16(opWriteSame16, 0, 1, 0), make([]byte, 1024), 1024)), SenseIllegalRequest, ascInvalidFieldCDB, "WRITE SAME with two blocks of data")
 }
 
 func caw(lba uint64, blocks byte) []byte {
@@ -476,7 +484,7 @@ func TestCompareAndWriteMiscompareReportsOffset(t *testing.T) {
 	buf := append(bytes.Repeat([]byte{'A'}, 2*512), bytes.Repeat([]byte{'B'}, 2*512)...)
 	buf[700] = 'C'
 	r, _ := f.run(nexusA, caw(5, 2), buf, len(buf))
-	f.expectSense(r, keyMiscompare, ascMiscompareVerify, "CAW miscompare")
+	f.expectSense(r, SenseMiscompare, ascMiscompareVerify, "CAW miscompare")
 	if r.Sense[0]&0x80 == 0 || binary.BigEndian.Uint32(r.Sense[3:7]) != 700 {
 		t.Fatalf("miscompare INFORMATION = %d (valid %v), want 700", binary.BigEndian.Uint32(r.Sense[3:7]), r.Sense[0]&0x80 != 0)
 	}
@@ -490,7 +498,7 @@ func TestCompareAndWriteMiscompareReportsOffset(t *testing.T) {
 	if !bytes.Equal(got, buf[1024:]) {
 		t.Fatal("CAW did not write")
 	}
-	f.expectSense(first(f.run(nexusA, caw(5, 2), buf[:1024], 1024)), keyIllegalRequest, ascInvalidFieldCDB, "CAW with half the data")
+	f.expectSense(first(f.run(nexusA, caw(5, 2), buf[:1024], 1024)), SenseIllegalRequest, ascInvalidFieldCDB, "CAW with half the data")
 }
 
 // Many goroutines increment one counter block with COMPARE AND WRITE; if the compare and
@@ -520,7 +528,7 @@ func TestCompareAndWriteIsAtomicUnderConcurrency(t *testing.T) {
 				switch {
 				case r.Status == StatusGood:
 					done++
-				case r.Status == StatusCheckCondition && r.Sense[2]&0x0F == keyMiscompare:
+				case r.Status == StatusCheckCondition && r.Sense[2]&0x0F == SenseMiscompare:
 				default:
 					failed.Store(true)
 					return
@@ -568,7 +576,7 @@ func TestVerifyComparesWithBytchk(t *testing.T) {
 	bad := bytes.Clone(data)
 	bad[1000] ^= 0xFF
 	r, _ := f.run(nexusA, verify, bad, len(bad))
-	f.expectSense(r, keyMiscompare, ascMiscompareVerify, "VERIFY mismatch")
+	f.expectSense(r, SenseMiscompare, ascMiscompareVerify, "VERIFY mismatch")
 	if binary.BigEndian.Uint32(r.Sense[3:7]) != 1000 {
 		t.Fatalf("VERIFY miscompare offset %d, want 1000", binary.BigEndian.Uint32(r.Sense[3:7]))
 	}
@@ -658,10 +666,10 @@ func TestPersistentReservationConflictMatrix(t *testing.T) {
 			if c.typ == prWE {
 				other = prEA
 			}
-			f.expectSense(f.prOut(nexusA, saRelease, other, 0xA, 0), keyIllegalRequest, ascInvalidReleasePR, "release with wrong type")
+			f.expectSense(f.prOut(nexusA, saRelease, other, 0xA, 0), SenseIllegalRequest, ascInvalidReleasePR, "release with wrong type")
 			f.expectGood(f.prOut(nexusA, saRelease, c.typ, 0xA, 0), "release")
 			if c.typ != prWE && c.typ != prEA {
-				f.expectSense(first(f.run(nexusB, read10(0, 1), nil, 512)), keyUnitAttention, ascReservationsReleased, "RESERVATIONS RELEASED to registrant")
+				f.expectSense(first(f.run(nexusB, read10(0, 1), nil, 512)), SenseUnitAttention, ascReservationsReleased, "RESERVATIONS RELEASED to registrant")
 			}
 			check(nexusC, true, true, "write after release")
 		})
@@ -698,7 +706,7 @@ func TestPersistentReservationKeysPreemptAndClear(t *testing.T) {
 	}
 	f.expectGood(f.prOut(nexusA, saReserve, prEA, 0xA, 0), "A reserves EA")
 	f.expectGood(f.prOut(nexusB, saPreempt, prWE, 0xB, 0xA), "B preempts A")
-	f.expectSense(first(f.run(nexusA, read10(0, 1), nil, 512)), keyUnitAttention, ascRegistrationsPreempted, "A told it was preempted")
+	f.expectSense(first(f.run(nexusA, read10(0, 1), nil, 512)), SenseUnitAttention, ascRegistrationsPreempted, "A told it was preempted")
 	gen2, keys := readKeys()
 	if len(keys) != 1 || keys[0] != 0xB || gen2 != gen+1 {
 		t.Fatalf("after preempt: gen %d->%d keys %x", gen, gen2, keys)
@@ -714,7 +722,7 @@ func TestPersistentReservationKeysPreemptAndClear(t *testing.T) {
 	}
 	f.expectGood(f.prOut(nexusA, saRegisterIgnore, 0, 0, 0xC), "A registers again")
 	f.expectGood(f.prOut(nexusB, saClear, 0, 0xB, 0), "CLEAR")
-	f.expectSense(first(f.run(nexusA, read10(0, 1), nil, 512)), keyUnitAttention, ascReservationsPreempted, "CLEAR reported")
+	f.expectSense(first(f.run(nexusA, read10(0, 1), nil, 512)), SenseUnitAttention, ascReservationsPreempted, "CLEAR reported")
 	if _, keys := readKeys(); len(keys) != 0 {
 		t.Fatalf("keys after CLEAR: %x", keys)
 	}
@@ -783,8 +791,8 @@ func TestSPC2ReserveReleasedOnNexusLossAndReset(t *testing.T) {
 	if err := f.dev.LUNReset(5, nexusA); err == nil {
 		t.Fatal("reset of a missing LUN succeeded")
 	}
-	f.expectSense(first(f.run(nexusB, read10(0, 1), nil, 512)), keyUnitAttention, ascPowerOnReset, "UA after LUN reset")
-	f.expectSense(first(f.run(nexusC, reserve, nil, 0)), keyUnitAttention, ascPowerOnReset, "C's first command after reset")
+	f.expectSense(first(f.run(nexusB, read10(0, 1), nil, 512)), SenseUnitAttention, ascPowerOnReset, "UA after LUN reset")
+	f.expectSense(first(f.run(nexusC, reserve, nil, 0)), SenseUnitAttention, ascPowerOnReset, "C's first command after reset")
 	f.expectGood(first(f.run(nexusC, reserve, nil, 0)), "C reserves: the reset released B's reservation")
 }
 
@@ -798,7 +806,7 @@ func TestUnitAttentionOrderingAndRequestSense(t *testing.T) {
 	f.expectGood(first(f.run(nexusB, []byte{opInquiry, 0, 0, 0, 36, 0}, nil, 36)), "INQUIRY with UA pending")
 	r, d := f.run(nexusB, []byte{opRequestSense, 0, 0, 0, 18, 0}, nil, 18)
 	f.expectGood(r, "REQUEST SENSE")
-	if d[2]&0x0F != keyUnitAttention || d[12] != 0x29 {
+	if d[2]&0x0F != SenseUnitAttention || d[12] != 0x29 {
 		t.Fatalf("REQUEST SENSE data %x, want the reset UA", d)
 	}
 	f.expectGood(first(f.run(nexusB, read10(0, 1), nil, 512)), "UA consumed by REQUEST SENSE")
@@ -829,8 +837,8 @@ func TestInquiryAndVPDPages(t *testing.T) {
 	if string(d[4:]) != "SER123" {
 		t.Fatalf("serial %q", d[4:])
 	}
-	f.expectSense(first(f.run(nexusA, []byte{opInquiry, 1, 0x99, 0, 255, 0}, nil, 255)), keyIllegalRequest, ascInvalidFieldCDB, "unknown VPD page")
-	f.expectSense(first(f.run(nexusA, []byte{opInquiry, 0, 0x80, 0, 255, 0}, nil, 255)), keyIllegalRequest, ascInvalidFieldCDB, "page code without EVPD")
+	f.expectSense(first(f.run(nexusA, []byte{opInquiry, 1, 0x99, 0, 255, 0}, nil, 255)), SenseIllegalRequest, ascInvalidFieldCDB, "unknown VPD page")
+	f.expectSense(first(f.run(nexusA, []byte{opInquiry, 0, 0x80, 0, 255, 0}, nil, 255)), SenseIllegalRequest, ascInvalidFieldCDB, "page code without EVPD")
 
 	// The NAA designator depends on the volume only.
 	g := newFixture(t, LUConfig{})
@@ -857,7 +865,7 @@ func TestReportLUNsAndMissingLUN(t *testing.T) {
 		t.Fatalf("LUN list %x", cmd.DataIn[8:32])
 	}
 	cmd = &Command{Nexus: nexusA, LUN: 42, CDB: read10(0, 1), ExpectedLen: 512, DataIn: make([]byte, 512)}
-	f.expectSense(d.Execute(cmd), keyIllegalRequest, ascLUNotSupported, "READ to missing LUN")
+	f.expectSense(d.Execute(cmd), SenseIllegalRequest, ascLUNotSupported, "READ to missing LUN")
 	cmd = &Command{Nexus: nexusA, LUN: 42, CDB: []byte{opInquiry, 0, 0, 0, 36, 0}, ExpectedLen: 36, DataIn: make([]byte, 36)}
 	if r := d.Execute(cmd); r.Status != StatusGood || cmd.DataIn[0] != 0x7F {
 		t.Fatalf("INQUIRY to missing LUN: %#x %x", r.Status, cmd.DataIn[0])
@@ -877,7 +885,7 @@ func TestReportSupportedOperationCodes(t *testing.T) {
 	if d[1]&0x07 != 3 || d[4] != opRead10 || d[5]&0x18 != 0x18 {
 		t.Fatalf("RSOC READ(10): %x", d)
 	}
-	f.expectSense(first(f.run(nexusA, []byte{opMaintenanceIn, saReportSupportOps, 0x01, opPRIn, 0, 0, 0, 0, 1, 0, 0, 0}, nil, 256)), keyIllegalRequest, ascInvalidFieldCDB, "RSOC option 1 for a service-action command")
+	f.expectSense(first(f.run(nexusA, []byte{opMaintenanceIn, saReportSupportOps, 0x01, opPRIn, 0, 0, 0, 0, 1, 0, 0, 0}, nil, 256)), SenseIllegalRequest, ascInvalidFieldCDB, "RSOC option 1 for a service-action command")
 	r, d = f.run(nexusA, []byte{opMaintenanceIn, saReportSupportOps, 0x01, 0xC5, 0, 0, 0, 0, 1, 0, 0, 0}, nil, 256)
 	f.expectGood(r, "RSOC unsupported")
 	if d[1]&0x07 != 1 {
@@ -888,9 +896,9 @@ func TestReportSupportedOperationCodes(t *testing.T) {
 func TestUnknownAndMalformedCDBs(t *testing.T) {
 	f := newFixture(t, LUConfig{})
 	f.t = t
-	f.expectSense(first(f.run(nexusA, []byte{0xC5, 0, 0, 0, 0, 0}, nil, 0)), keyIllegalRequest, ascInvalidOpcode, "vendor opcode")
-	f.expectSense(f.dev.Execute(&Command{Nexus: nexusA}), keyIllegalRequest, ascInvalidOpcode, "empty CDB")
-	f.expectSense(first(f.run(nexusA, []byte{opRead16, 0, 0}, nil, 512)), keyIllegalRequest, ascInvalidFieldCDB, "truncated READ(16)")
+	f.expectSense(first(f.run(nexusA, []byte{0xC5, 0, 0, 0, 0, 0}, nil, 0)), SenseIllegalRequest, ascInvalidOpcode, "vendor opcode")
+	f.expectSense(f.dev.Execute(&Command{Nexus: nexusA}), SenseIllegalRequest, ascInvalidOpcode, "empty CDB")
+	f.expectSense(first(f.run(nexusA, []byte{opRead16, 0, 0}, nil, 512)), SenseIllegalRequest, ascInvalidFieldCDB, "truncated READ(16)")
 	// Every opcode with every CDB length and junk: no panic, no write outside the volume.
 	junk := pattern(16, 0xF3)
 	for op := 0; op < 256; op++ {
@@ -1006,7 +1014,7 @@ func TestConcurrentStateChangesAndIO(t *testing.T) {
 				switch r := f.dev.Execute(cmd); r.Status {
 				case StatusGood, StatusReservationConflict:
 				case StatusCheckCondition:
-					if k, _ := senseOf(r); k != keyUnitAttention && k != keyIllegalRequest {
+					if k, _ := senseOf(r); k != SenseUnitAttention && k != SenseIllegalRequest {
 						bad.Add(1)
 					}
 				default:

@@ -1,17 +1,9 @@
 package scsi
 
-// Sense keys (SPC-5 4.4.8).
-const (
-	keyNoSense        = 0x00
-	keyMediumError    = 0x03
-	keyIllegalRequest = 0x05
-	keyUnitAttention  = 0x06
-	keyDataProtect    = 0x07
-	keyMiscompare     = 0x0E
-)
-
 // asc is an additional sense code and qualifier packed as 0xAAQQ.
 type asc uint16
+
+func ascCode(code, qualifier byte) asc { return asc(code)<<8 | asc(qualifier) }
 
 const (
 	ascNone                   asc = 0x0000
@@ -79,42 +71,44 @@ func buildSense(key byte, code asc, info uint32, infoValid bool, f senseField) [
 	return s
 }
 
+// checkCond allocates its sense for every call: Result.Sense goes to the transport, which
+// may hold it while other commands fail, so no two results share one.
 func checkCond(key byte, code asc) Result {
 	return Result{Status: StatusCheckCondition, Sense: buildSense(key, code, 0, false, noField)}
 }
 
-func illegal(code asc) Result { return checkCond(keyIllegalRequest, code) }
+func illegal(code asc) Result { return checkCond(SenseIllegalRequest, code) }
 
 func invalidOpcode() Result {
-	return Result{Status: StatusCheckCondition, Sense: buildSense(keyIllegalRequest, ascInvalidOpcode, 0, false, cdbField(0, 7))}
+	return Result{Status: StatusCheckCondition, Sense: buildSense(SenseIllegalRequest, ascInvalidOpcode, 0, false, cdbField(0, 7))}
 }
 
 func invalidCDB(b, bit int) Result {
-	return Result{Status: StatusCheckCondition, Sense: buildSense(keyIllegalRequest, ascInvalidFieldCDB, 0, false, cdbField(b, bit))}
+	return Result{Status: StatusCheckCondition, Sense: buildSense(SenseIllegalRequest, ascInvalidFieldCDB, 0, false, cdbField(b, bit))}
 }
 
 func invalidParam(b, bit int) Result {
-	return Result{Status: StatusCheckCondition, Sense: buildSense(keyIllegalRequest, ascInvalidFieldParam, 0, false, paramField(b, bit))}
+	return Result{Status: StatusCheckCondition, Sense: buildSense(SenseIllegalRequest, ascInvalidFieldParam, 0, false, paramField(b, bit))}
 }
 
 func lbaOutOfRange() Result { return illegal(ascLBAOutOfRange) }
 
 func paramListLengthError() Result { return illegal(ascParamListLength) }
 
-func dataProtect() Result { return checkCond(keyDataProtect, ascWriteProtected) }
+func dataProtect() Result { return checkCond(SenseDataProtect, ascWriteProtected) }
 
 func reservationConflict() Result { return Result{Status: StatusReservationConflict} }
 
 // miscompare reports the byte offset of the first difference in the INFORMATION field.
 func miscompare(offset uint32) Result {
-	return Result{Status: StatusCheckCondition, Sense: buildSense(keyMiscompare, ascMiscompareVerify, offset, true, noField)}
+	return Result{Status: StatusCheckCondition, Sense: buildSense(SenseMiscompare, ascMiscompareVerify, offset, true, noField)}
 }
 
 func mediumError(write bool) Result {
 	if write {
-		return checkCond(keyMediumError, ascWriteError)
+		return checkCond(SenseMediumError, ascWriteError)
 	}
-	return checkCond(keyMediumError, ascUnrecoveredReadError)
+	return checkCond(SenseMediumError, ascUnrecoveredReadError)
 }
 
 func good() Result { return Result{Status: StatusGood} }

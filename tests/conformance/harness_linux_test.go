@@ -110,7 +110,7 @@ func serveTargets(t *testing.T, ns string, names []string, volSize int64, log *s
 	}
 	t.Cleanup(func() { pool.Close() })
 	srv := target.NewServer(target.Options{Logger: log})
-	tenant := &target.Tenant{Name: ns}
+	tenant := srv.NewTenant(ns, target.Limits{})
 	for i, n := range names {
 		vol, err := pool.Open(fmt.Sprintf("vol%d", i), volSize)
 		if err != nil {

@@ -7,4 +7,7 @@
 //
 // It must never: touch namespaces, processes or files it did not create, or talk to any address
 // outside the namespaces it created.
+//
+// Every test file starts with //go:build linux: the tests need network namespaces, and the tag
+// keeps `GOOS=darwin go vet ./...` clean for the packages that do build elsewhere.
 package e2e
