@@ -8,8 +8,12 @@ TIMEOUT ?= 14m
 
 all: build
 
+# `nstarget version` and the startup line show this; without git, the binary falls back to the
+# VCS revision Go stamps into it.
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null)
+
 build:
-	$(GO) build -o $(BIN) ./cmd/nstarget
+	$(GO) build -ldflags "-X main.buildVersion=$(VERSION)" -o $(BIN) ./cmd/nstarget
 
 deps:
 	bash scripts/deps.sh

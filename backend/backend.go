@@ -57,6 +57,10 @@ type Pool struct {
 	// lock holds an exclusive flock on the directory from the first Open until Close; Check
 	// takes none, so a configuration can be checked while a server runs.
 	lock *os.File
+	// id is the pool's identity (identity.go): read by OpenPool when it exists, created under
+	// the flock by the first Open otherwise; never changed once set.
+	id    PoolID
+	hasID bool
 }
 
 // OpenPool opens (creating if missing) the pool directory.
@@ -74,7 +78,11 @@ func OpenPool(dir string) (*Pool, error) {
 	if !st.IsDir() {
 		return nil, fmt.Errorf("backend: pool %s is not a directory", dir)
 	}
-	return &Pool{dir: dir, open: make(map[string]*fileVol)}, nil
+	id, hasID, err := readPoolID(dir)
+	if err != nil {
+		return nil, fmt.Errorf("backend: pool %s: %w", dir, err)
+	}
+	return &Pool{dir: dir, open: make(map[string]*fileVol), id: id, hasID: hasID}, nil
 }
 
 // ValidName reports whether name can be a volume name: 1..200 characters of [A-Za-z0-9._-],
@@ -153,6 +161,9 @@ func (p *Pool) Open(name string, size int64) (Volume, error) {
 			return nil, fmt.Errorf("backend: volume %q: %w", name, err)
 		}
 		p.lock = lock
+	}
+	if err := p.ensureIDLocked(); err != nil {
+		return nil, fmt.Errorf("backend: pool %s: %w", p.dir, err)
 	}
 	if v, ok := p.open[name]; ok {
 		cur := v.size.Load()

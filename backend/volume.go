@@ -19,6 +19,9 @@ type fileVol struct {
 	// closeMu makes I/O and closing exclusive, so no pread ever hits a recycled fd number.
 	closeMu  sync.RWMutex
 	isClosed bool
+
+	// stateMu orders LoadState/SaveState (state.go) of this volume.
+	stateMu sync.Mutex
 }
 
 // volRef is one user's reference; Close is idempotent per reference.

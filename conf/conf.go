@@ -23,6 +23,7 @@ import (
 	"github.com/BurntSushi/toml"
 
 	"nstarget/backend"
+	"nstarget/target/chap"
 	"nstarget/target/iscsiname"
 )
 
@@ -60,6 +61,12 @@ type Server struct {
 	// Limits is [server.limits] with DefaultLimits filled in: what a tenant may hold unless
 	// its own [tenant.limits] says otherwise.
 	Limits Limits
+	// ControlSocket is the root-only unix socket of status and reload (absolute path);
+	// ControlSocketSet says the file named it rather than leaving the default.
+	ControlSocket    string
+	ControlSocketSet bool
+	// Metrics is the ip:port of the Prometheus exporter in the root namespace; "" is off.
+	Metrics string
 }
 
 // Tenant is one [[tenant]].
@@ -71,7 +78,10 @@ type Tenant struct {
 	// Limits is resolved: each key of [tenant.limits], else of [server.limits], else
 	// DefaultLimits.
 	Limits Limits
-	Line   int
+	// DiscoveryCHAP is [tenant.discovery_chap]: what discovery sessions must prove; nil:
+	// discovery is open to the tenant's network.
+	DiscoveryCHAP *chap.Credentials
+	Line          int
 }
 
 // Target is one [[tenant.target]].
@@ -79,8 +89,10 @@ type Target struct {
 	IQN        string
 	Alias      string
 	Initiators []string // empty: any initiator of the tenant
-	LUNs       []*LUN
-	Line       int
+	// CHAP is [tenant.target.chap]: what an initiator must prove to log in; nil: nothing.
+	CHAP *chap.Credentials
+	LUNs []*LUN
+	Line int
 }
 
 // LUN is one [[tenant.target.lun]].
@@ -155,7 +167,13 @@ func Parse(file string, data []byte) (*Config, error) {
 	if _, err := toml.Decode(string(data), &raw); err != nil {
 		var pe toml.ParseError
 		if errors.As(err, &pe) {
-			return nil, Errors{{File: file, Line: pe.Position.Line, Key: pe.LastKey, Msg: "syntax: " + pe.Message, Err: err}}
+			msg := "syntax: " + pe.Message
+			if isSecretKey(pe.LastKey) {
+				// The parser quotes what it found, which here is (part of) a secret; the
+				// underlying error is dropped for the same reason.
+				return nil, Errors{{File: file, Line: pe.Position.Line, Key: pe.LastKey, Msg: "syntax error in a secret's value (not shown); quote it as a TOML string"}}
+			}
+			return nil, Errors{{File: file, Line: pe.Position.Line, Key: pe.LastKey, Msg: msg, Err: err}}
 		}
 		return nil, Errors{{File: file, Msg: err.Error(), Err: err}}
 	}
@@ -408,8 +426,17 @@ func (v *validator) tenant(t *table, srv *Server) *Tenant {
 	if err := CheckPortal(tn.Portal); err != nil {
 		v.errorf(t.key("portal"), "%v", err)
 	}
+	// The tenant's CHAP algorithm preference applies to every chap table that does not set
+	// its own.
+	var algs []chap.Algorithm
+	if x, ok := t.get("chap_algorithms"); ok {
+		algs = v.algorithms(t.key("chap_algorithms"), x)
+	}
+	if dt := t.sub("discovery_chap"); dt != nil {
+		tn.DiscoveryCHAP = v.chapTable(dt, algs)
+	}
 	for _, tgt := range t.tables("target") {
-		tn.Targets = append(tn.Targets, v.target(tgt))
+		tn.Targets = append(tn.Targets, v.target(tgt, algs))
 	}
 	if lt := t.sub("limits"); lt != nil {
 		tn.Limits = v.limits(lt, srv.Limits)
@@ -419,7 +446,7 @@ func (v *validator) tenant(t *table, srv *Server) *Tenant {
 	return tn
 }
 
-func (v *validator) target(t *table) *Target {
+func (v *validator) target(t *table, algs []chap.Algorithm) *Target {
 	tg := &Target{Line: v.pos.line(t.path)}
 	tg.IQN = t.str("iqn", "", true)
 	if _, set := t.m["iqn"]; set {
@@ -437,6 +464,9 @@ func (v *validator) target(t *table) *Target {
 			v.errorf(t.key("initiators"), "initiator %q listed twice", in)
 		}
 		seen[in] = true
+	}
+	if ct := t.sub("chap"); ct != nil {
+		tg.CHAP = v.chapTable(ct, algs)
 	}
 	for i, lt := range t.tables("lun") {
 		tg.LUNs = append(tg.LUNs, v.lun(lt, i))

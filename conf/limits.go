@@ -3,6 +3,8 @@ package conf
 import (
 	"fmt"
 	"math"
+	"net/netip"
+	"path/filepath"
 	"strconv"
 	"time"
 )
@@ -45,8 +47,13 @@ func defaultServer() Server {
 		NopInterval: DefaultNopInterval,
 		NopTimeout:  DefaultNopTimeout,
 		Limits:      DefaultLimits(),
+		// The socket's directory is created 0700 by serve; the socket itself is 0600.
+		ControlSocket: DefaultControlSocket,
 	}
 }
+
+// DefaultControlSocket is where serve listens for status and reload requests.
+const DefaultControlSocket = "/run/nstarget/nstarget.sock"
 
 // serverRuntime reads the [server] keys that bound connections and memory.
 func (v *validator) serverRuntime(st *table, srv *Server) {
@@ -54,6 +61,19 @@ func (v *validator) serverRuntime(st *table, srv *Server) {
 	srv.MaxConnections = st.count("max_connections", srv.MaxConnections, 0)
 	srv.NopInterval = st.duration("nop_interval", srv.NopInterval)
 	srv.NopTimeout = st.duration("nop_timeout", srv.NopTimeout)
+	if m := st.str("metrics", "", false); m != "" {
+		if ap, err := netip.ParseAddrPort(m); err != nil || ap.Port() == 0 {
+			v.errorf(st.key("metrics"), "%q is not ip:port (e.g. \"127.0.0.1:9470\"; it serves in the root namespace, unauthenticated)", m)
+		}
+		srv.Metrics = m
+	}
+	if _, ok := st.get("control_socket"); ok {
+		srv.ControlSocketSet = true
+		srv.ControlSocket = st.str("control_socket", srv.ControlSocket, false)
+		if !filepath.IsAbs(srv.ControlSocket) {
+			v.errorf(st.key("control_socket"), "%q is not an absolute path", srv.ControlSocket)
+		}
+	}
 	if lt := st.sub("limits"); lt != nil {
 		srv.Limits = v.limits(lt, srv.Limits)
 		v.limitsWithinServer(lt, srv.Limits, srv)

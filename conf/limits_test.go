@@ -140,3 +140,41 @@ func TestEveryLimitsErrorNamesFileLineAndKey(t *testing.T) {
 		})
 	}
 }
+
+func TestControlSocketDefaultsAndMustBeAbsolute(t *testing.T) {
+	cfg, err := Parse("c.toml", []byte(`[server]
+data_dir = "/tmp/x"
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Server.ControlSocket != DefaultControlSocket || cfg.Server.ControlSocketSet {
+		t.Fatalf("default control socket %q set=%v", cfg.Server.ControlSocket, cfg.Server.ControlSocketSet)
+	}
+	cfg, err = Parse("c.toml", []byte(`[server]
+data_dir = "/tmp/x"
+control_socket = "/run/x/ctl.sock"
+`))
+	if err != nil || cfg.Server.ControlSocket != "/run/x/ctl.sock" || !cfg.Server.ControlSocketSet {
+		t.Fatalf("explicit control socket: %v %+v", err, cfg)
+	}
+	_, err = Parse("c.toml", []byte(`[server]
+control_socket = "ctl.sock"
+`))
+	if err == nil || !strings.Contains(err.Error(), "c.toml:2: server.control_socket:") {
+		t.Fatalf("relative control socket: %v", err)
+	}
+}
+
+func TestMetricsAddressIsOptionalAndMustBeIPAndPort(t *testing.T) {
+	cfg, err := Parse("c.toml", []byte("[server]\nmetrics = \"127.0.0.1:9470\"\n"))
+	if err != nil || cfg.Server.Metrics != "127.0.0.1:9470" {
+		t.Fatalf("%v %+v", err, cfg)
+	}
+	for _, bad := range []string{"localhost:9470", "127.0.0.1", "127.0.0.1:0"} {
+		_, err := Parse("c.toml", []byte("[server]\nmetrics = \""+bad+"\"\n"))
+		if err == nil || !strings.Contains(err.Error(), "c.toml:2: server.metrics:") {
+			t.Fatalf("%q: %v", bad, err)
+		}
+	}
+}

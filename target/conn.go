@@ -3,6 +3,7 @@ package target
 import (
 	"bufio"
 	"context"
+	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -13,8 +14,10 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
+	"nstarget/target/chap"
 	"nstarget/target/scsi"
 )
 
@@ -28,6 +31,7 @@ import (
 // (counted in execs). Every step of the core happens under mu; every write to nc under wlock.
 // kill (closing nc) stops them all; serve waits for every one before it returns.
 type conn struct {
+	since  time.Time // accepted
 	srv    *Server
 	nc     net.Conn
 	tenant *Tenant
@@ -76,6 +80,7 @@ func newConn(s *Server, nc net.Conn, t *Tenant, attrs []slog.Attr) *conn {
 		args = append(args, a)
 	}
 	c := &conn{
+		since:  time.Now(),
 		srv:    s,
 		nc:     nc,
 		tenant: t,
@@ -115,14 +120,24 @@ func (c *conn) serve(ctx context.Context) (err error) {
 		if errors.Is(err, net.ErrClosed) || errors.Is(err, io.EOF) {
 			return nil
 		}
-		c.log.Info("login failed", "err", err)
+		c.tenant.stats.loginsFailed.Add(1)
+		if !errors.Is(err, errAuthFailed) {
+			c.log.Info("login failed", "err", err)
+		}
 		return err
 	}
+	c.logLogin()
+	c.tenant.stats.loginsOK.Add(1)
 	c.writerStarted = true
 	go c.writeLoop()
 	c.startTicking()
 	err = c.readLoop()
 	if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
+		return nil
+	}
+	if c.sess.discovery && errors.Is(err, syscall.ECONNRESET) {
+		// iscsiadm ends SendTargets discovery with a reset instead of a Logout: normal.
+		c.log.Debug("discovery connection reset by the initiator")
 		return nil
 	}
 	select {
@@ -214,6 +229,25 @@ func (e connLoginEnv) complete(ls *loginState) (uint16, uint16) {
 	return tsih, st
 }
 
+func (e connLoginEnv) discoveryCHAP() *chap.Credentials { return e.c.tenant.DiscoveryCHAP }
+
+func (e connLoginEnv) challenge(n int) (byte, []byte) {
+	var id [1]byte
+	c := make([]byte, n)
+	for {
+		rand.Read(id[:])
+		rand.Read(c)
+		if e.c.srv.challenges.add(c) {
+			return id[0], c
+		}
+	}
+}
+
+func (e connLoginEnv) issued(c []byte) bool { return e.c.srv.challenges.has(c) }
+
+// errAuthFailed marks a login refused for failed authentication, already logged.
+var errAuthFailed = errors.New("authentication failed")
+
 const loginTimeout = 30 * time.Second
 
 func (c *conn) login() error {
@@ -226,6 +260,11 @@ func (c *conn) login() error {
 			return fmt.Errorf("read login request: %w", err)
 		}
 		resp, data, fail := ls.step(f)
+		if fail && ls.authFail != nil {
+			if err := c.refuseAuth(ls); err != nil {
+				return err
+			}
+		}
 		if ls.done {
 			// The core exists before the final response is written: from here on Shutdown
 			// queues its logout request behind that response instead of cutting the
@@ -240,6 +279,9 @@ func (c *conn) login() error {
 		if _, err := nb.WriteTo(c.nc); err != nil {
 			return fmt.Errorf("write login response: %w", err)
 		}
+		if fail && ls.authFail != nil {
+			return errAuthFailed
+		}
 		if fail {
 			return fmt.Errorf("login refused with status 0x%04x (initiator %q target %q)",
 				binary.BigEndian.Uint16(resp[offLoginStatus:]), ls.initiatorName, ls.targetName)
@@ -252,12 +294,42 @@ func (c *conn) login() error {
 		kind = "discovery"
 	}
 	c.log = c.log.With("initiator", ls.initiatorName, "tsih", c.sess.tsih)
-	c.log.Debug("login complete", "session", kind, "target", ls.targetName,
+	auth := "none"
+	if ls.creds != nil {
+		auth = "CHAP " + ls.chapAlg.String()
+	}
+	c.log.Debug("login complete", "session", kind, "target", ls.targetName, "auth", auth,
 		"mrdsl_in", c.params.TargetRecvDSL, "mrdsl_out", c.params.InitiatorRecvDSL,
 		"burst", c.params.MaxBurstLength, "first_burst", c.params.FirstBurstLength,
 		"immediate", c.params.ImmediateData, "initial_r2t", c.params.InitialR2T,
 		"hd", c.params.HeaderDigest, "dd", c.params.DataDigest)
 	return nil
+}
+
+// refuseAuth logs a failed authentication (never a secret: the state machine has none in its
+// reasons) and waits the constant delay before the refusal goes out; the wait ends early
+// only when the connection is being closed.
+func (c *conn) refuseAuth(ls *loginState) error {
+	kind := "normal"
+	if ls.discovery {
+		kind = "discovery"
+	}
+	attrs := []any{"initiator", ls.initiatorName, "session", kind, "reason", ls.authFail.reason}
+	if ls.targetName != "" {
+		attrs = append(attrs, "target", ls.targetName)
+	}
+	if ls.authFail.algorithm != 0 {
+		attrs = append(attrs, "algorithm", ls.authFail.algorithm.String())
+	}
+	c.log.Info("authentication failed", attrs...)
+	t := time.NewTimer(c.srv.opts.AuthFailDelay)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-c.stop:
+		return net.ErrClosed
+	}
 }
 
 // startCore makes the session core of a completed login.
@@ -341,7 +413,7 @@ func (c *conn) collectRunLocked() []logRecord {
 func (c *conn) carryOut(logs []logRecord) {
 	for _, r := range logs {
 		if r.limited != "" {
-			c.srv.refused(c.log, c.tenant, r.limited, r.msg, r.attrs...)
+			c.srv.refused(c.log, c.tenant, r.level, r.limited, r.msg, r.attrs...)
 			continue
 		}
 		c.log.Log(context.Background(), r.level, r.msg, r.attrs...)
@@ -474,7 +546,9 @@ func (c *conn) runTask(t *task) (res scsi.Result) {
 	default:
 		start := time.Now()
 		res = dev.Execute(&t.cmd)
-		c.lastExecNs.Store(int64(time.Since(start)))
+		took := time.Since(start)
+		c.lastExecNs.Store(int64(took))
+		c.tenant.stats.latency.observe(took)
 	}
 	return res
 }

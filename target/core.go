@@ -41,12 +41,21 @@ type core struct {
 	logout  bool      // a logout is pending: input is ignored
 	waiters []*waiter // responses held until the tasks they wait for have ended
 
+	counts counters // what the session did, for status
+
 	idle      int  // ticks without a complete PDU
 	gotPDU    bool // a PDU completed since the last tick
 	stall     int  // ticks with output pending and nothing written
 	wrote     bool // something was written since the last tick
 	pingTag   uint32
 	asyncSent bool
+}
+
+// counters are what a session did, read by Server.Sessions.
+type counters struct {
+	commands     uint64 // SCSI commands answered
+	readBytes    uint64 // Data-In bytes
+	writtenBytes uint64 // Data-Out and immediate data bytes of answered WRITEs
 }
 
 // coreConfig is fixed at login.

@@ -368,6 +368,24 @@ func (c *core) respond(t *task, res scsi.Result) {
 		resFlags, residual = flagResidualUnderflow, t.edtl-res.Wanted
 	}
 	collapse := res.Status == scsi.StatusGood && len(res.Sense) == 0
+	if !collapse && scsi.IsSpaceAllocationFailure(res.Sense) {
+		c.logf(slog.LevelWarn, "pool-full", "write refused: the volume pool is out of space (SPACE ALLOCATION FAILED)",
+			"lun", t.cmd.LUN)
+	}
+	c.counts.commands++
+	c.counts.readBytes += uint64(sent)
+	written := uint64(0)
+	if t.write {
+		written = uint64(t.received)
+		c.counts.writtenBytes += written
+	}
+	if tg := c.cfg.sess.tg; tg != nil {
+		if lc := tg.lunStats[t.cmd.LUN]; lc != nil {
+			lc.commands.Add(1)
+			lc.readBytes.Add(uint64(sent))
+			lc.writtenBytes.Add(written)
+		}
+	}
 	dataSN := uint32(0)
 	if sent > 0 {
 		seg := c.cfg.p.InitiatorRecvDSL
@@ -600,6 +618,7 @@ func (c *core) logoutRequest(h *bhs) {
 	binary.BigEndian.PutUint16(rh[offTime2Retain:], uint16(c.cfg.p.DefaultTime2Retain))
 	w := &waiter{pdu: p, end: closing}
 	if closing {
+		c.logf(sessionLogLevel(c.cfg.sess.discovery), "", "logout", "reason", reason)
 		c.logout = true
 		c.abortWhere(nil, w)
 	}
@@ -730,7 +749,7 @@ func (c *core) sendTargets(which string) []textKV {
 			emit(ss.tg)
 			break
 		}
-		for _, tg := range c.cfg.tenant.Targets {
+		for _, tg := range c.cfg.tenant.targets() {
 			if tg.allows(ss.key.initiator) {
 				emit(tg)
 			}

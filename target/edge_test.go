@@ -582,3 +582,130 @@ func TestPeerThatNeverReadsIsClosedWithBoundedMemory(t *testing.T) {
 		t.Fatalf("heap grew by %d MiB", grew>>20)
 	}
 }
+
+func TestSessionsListsWhoIsAttachedAndWhatTheyDid(t *testing.T) {
+	ts := startRAMServer(t, Options{})
+	ini := dialTest(t, ts)
+	ini.login("iqn.i:status", 5, "ImmediateData=Yes")
+	ini.scsi(cdb10(0x2a, 0, 2), 1024, false, true, make([]byte, 1024), true)
+	ini.recv()
+	ini.scsi(cdb10(0x28, 0, 1), 512, true, false, nil, true)
+	ini.recv()
+	if got := ts.srv.Sessions("t2"); len(got) != 0 {
+		t.Fatalf("another tenant lists %d sessions", len(got))
+	}
+	got := ts.srv.Sessions("")
+	if len(got) != 1 {
+		t.Fatalf("%d sessions listed, want 1", len(got))
+	}
+	s := got[0]
+	if s.Tenant != "t1" || s.Initiator != "iqn.i:status" || s.Target != ts.iqn || s.ISID != "800102030405" ||
+		s.TSIH == 0 || s.Remote != ini.c.LocalAddr().String() || s.Since.IsZero() {
+		t.Fatalf("session %+v", s)
+	}
+	if s.Commands != 2 || s.ReadBytes != 512 || s.WrittenBytes != 1024 {
+		t.Fatalf("counters: %d commands, %d read, %d written", s.Commands, s.ReadBytes, s.WrittenBytes)
+	}
+}
+
+func TestAllowListChangeEndsOnlySessionsNoLongerAllowed(t *testing.T) {
+	ts := startRAMServer(t, Options{})
+	keep, drop := dialTest(t, ts), dialTest(t, ts)
+	keep.login("iqn.i:keep", 1)
+	drop.login("iqn.i:drop", 2)
+	ts.srv.SetInitiators(ts.tenant.Targets[0], []string{"iqn.i:keep"})
+	drop.c.SetReadDeadline(time.Now().Add(testTimeout))
+	if _, err := drop.pr.readFrame(1 << 20); err == nil {
+		t.Fatal("a session no longer allowed was kept")
+	}
+	keep.scsi([]byte{0}, 0, false, false, nil, true)
+	if f := keep.recv(); f.BHS.opcode() != opSCSIResp {
+		t.Fatal("an allowed session was disturbed")
+	}
+	again := dialTest(t, ts)
+	req := loginReq(1, 3, true, false, "InitiatorName=iqn.i:drop", "TargetName="+ts.iqn)
+	again.send(&req.BHS, req.Data)
+	if f := again.recv(); status(f.BHS) != loginAuthorizationFail {
+		t.Fatalf("login of a removed initiator: status %04x", status(f.BHS))
+	}
+}
+
+func TestCloseTenantAsksSessionsToLogOutAndGivesEverythingBack(t *testing.T) {
+	ts := startRAMServer(t, Options{})
+	ini := dialTest(t, ts)
+	ini.login("iqn.i:retire", 1)
+	done := make(chan struct{})
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+		defer cancel()
+		ts.srv.CloseTenant(ctx, ts.tenant)
+		close(done)
+	}()
+	if f := ini.recv(); f.BHS.opcode() != opAsync || f.BHS[offAsyncEvent] != asyncLogoutRequest {
+		t.Fatalf("expected an Async logout request, got 0x%02x", f.BHS.opcode())
+	}
+	var h bhs
+	h[0] = opLogoutReq | flagImmediate
+	h[1] = flagFinal
+	h.setU32(offITT, 9)
+	h.setU32(offCmdSN, ini.cmdSN)
+	ini.send(&h, nil)
+	if f := ini.recv(); f.BHS.opcode() != opLogoutResp {
+		t.Fatalf("expected a Logout Response, got 0x%02x", f.BHS.opcode())
+	}
+	<-done
+	if _, ok := ts.srv.Stats().Tenants["t1"]; ok {
+		t.Fatal("closed tenant still listed")
+	}
+	if u := ts.srv.Stats().Total; u != (Usage{}) {
+		t.Fatalf("server holds %+v after the tenant closed", u)
+	}
+	refused := dialTest(t, ts)
+	refused.c.SetReadDeadline(time.Now().Add(testTimeout))
+	if _, err := refused.c.Read(make([]byte, 1)); err == nil {
+		t.Fatal("a closed tenant accepted a connection")
+	}
+}
+
+func TestMetricsCountPerLUNAndLoginsAndLatency(t *testing.T) {
+	ts := startRAMServer(t, Options{})
+	// The RAM target has no LUN map, so give the tenant a target that has one.
+	lunDev := newRAMDevice(1 << 20)
+	tg := newTarget(TargetConfig{IQN: "iqn.2026-01.test.nstarget:metrics", LUNs: map[uint64]*scsi.LU{0: nil}}, lunDev)
+	ts.srv.SetTargets(ts.tenant, append(ts.tenant.CurrentTargets(), tg))
+	ini := dialTest(t, ts)
+	req := loginReq(1, 3, true, false, "InitiatorName=iqn.i:m", "TargetName=iqn.2026-01.test.nstarget:metrics", "ImmediateData=Yes")
+	req.BHS.setU32(offCmdSN, ini.cmdSN)
+	ini.send(&req.BHS, req.Data)
+	if f := ini.recv(); status(f.BHS) != 0 {
+		t.Fatalf("login: %04x", status(f.BHS))
+	}
+	ini.statSN = 1
+	ini.scsi(cdb10(0x2a, 0, 2), 1024, false, true, make([]byte, 1024), true)
+	ini.recv()
+	ini.scsi(cdb10(0x28, 0, 1), 512, true, false, nil, true)
+	ini.recv()
+	bad := dialTest(t, ts)
+	req = loginReq(1, 3, true, false, "InitiatorName=iqn.i:m", "TargetName=iqn.nosuch:x")
+	bad.send(&req.BHS, req.Data)
+	bad.recv()
+	var m TenantMetrics
+	for _, x := range ts.srv.Metrics() {
+		if x.Name == "t1" {
+			m = x
+		}
+	}
+	if len(m.LUNs) != 1 || m.LUNs[0].Commands != 2 || m.LUNs[0].ReadBytes != 512 || m.LUNs[0].WrittenBytes != 1024 {
+		t.Fatalf("LUN counters %+v", m.LUNs)
+	}
+	if m.LoginsOK != 1 {
+		t.Fatalf("logins ok %d, want 1", m.LoginsOK)
+	}
+	waitFor := time.Now().Add(testTimeout)
+	for ts.srv.Metrics()[0].LoginsFailed == 0 && time.Now().Before(waitFor) {
+		time.Sleep(5 * time.Millisecond) // the refused connection ends after its response
+	}
+	if m := ts.srv.Metrics()[0]; m.LoginsFailed != 1 || m.LatencyCount != 2 || m.LatencyBuckets[len(m.LatencyBuckets)-1] != 2 {
+		t.Fatalf("logins failed %d, latency count %d buckets %v", m.LoginsFailed, m.LatencyCount, m.LatencyBuckets)
+	}
+}

@@ -3,6 +3,8 @@ package target
 import (
 	"encoding/binary"
 	"strconv"
+
+	"nstarget/target/chap"
 )
 
 // Login status classes/details (RFC 7143 §11.13.5), as class<<8|detail.
@@ -39,6 +41,13 @@ type loginEnv interface {
 	// complete admits the session (reinstating an old one with the same ISID) and returns its
 	// TSIH; status non-zero refuses the login.
 	complete(ls *loginState) (tsih uint16, status uint16)
+	// discoveryCHAP is what discovery sessions of this tenant must prove (nil: nothing).
+	discoveryCHAP() *chap.Credentials
+	// challenge returns a fresh random CHAP identifier and challenge of n bytes, never one
+	// issued recently, and remembers it for issued.
+	challenge(n int) (id byte, c []byte)
+	// issued reports whether c is a challenge the server issued recently (on any connection).
+	issued(c []byte) bool
 }
 
 // loginState is the pure login state machine of one connection: feed it Login Requests with
@@ -62,7 +71,15 @@ type loginState struct {
 	statSN        uint32
 	expCmdSN      uint32
 	declaredDSL   bool
-	partial       []byte // text of requests with the C bit set
+	creds         *chap.Credentials // what the initiator must prove; nil: AuthMethod=None
+	auth          authState
+	chapAlg       chap.Algorithm
+	chapID        byte
+	chapC         []byte
+	// authFail is set when the login is refused for failed authentication: the edge logs it
+	// and answers only after authFailDelay.
+	authFail *authFailure
+	partial  []byte // text of requests with the C bit set
 	// A response longer than the initiator may receive goes out in parts (C bit); the rest
 	// waits here for the initiator's empty request, and the last part carries the
 	// transition (final) that the whole response decided.
@@ -189,6 +206,7 @@ func (ls *loginState) step(req *frame) (resp bhs, data []byte, fail bool) {
 		case "", "Normal":
 		case "Discovery":
 			ls.discovery = true
+			ls.creds = ls.env.discoveryCHAP()
 		default:
 			return failWith(loginSessionTypeUnsup)
 		}
@@ -201,9 +219,15 @@ func (ls *loginState) step(req *frame) (resp bhs, data []byte, fail bool) {
 				return failWith(st)
 			}
 			ls.target = tg
+			ls.creds = tg.cfg.CHAP
 		}
 	} else if sessionType != "" && (sessionType == "Discovery") != ls.discovery {
 		return failWith(loginInitiatorError)
+	}
+
+	if ls.creds != nil && ls.auth != authDone && csg != stageSecurity {
+		ls.authFail = &authFailure{reason: "CHAP required; the initiator skipped the security stage"}
+		return failWith(loginAuthFailure)
 	}
 
 	var out []textKV
@@ -213,27 +237,58 @@ func (ls *loginState) step(req *frame) (resp bhs, data []byte, fail bool) {
 			out = append(out, textKV{"TargetAlias", ls.target.cfg.Alias})
 		}
 	}
+	if csg == stageSecurity {
+		auth, st, progressed := ls.security(kvs)
+		if st != 0 {
+			return failWith(st)
+		}
+		out = append(out, auth...)
+		if transit && ls.creds != nil && ls.auth != authDone {
+			if !progressed {
+				ls.authFail = &authFailure{reason: "the initiator left the security stage before authenticating", algorithm: ls.chapAlg}
+				return failWith(loginAuthFailure)
+			}
+			// The initiator may ask to move on at once; it has to finish CHAP first (RFC
+			// 7143 §6.2: the target answers T=0 to stay in the stage).
+			transit = false
+		}
+	}
 	for _, kv := range kvs {
 		switch kv.Key {
 		case "InitiatorName", "InitiatorAlias", "SessionType", "TargetName":
 			continue
-		case "AuthMethod":
-			r, ok := negotiateKey(&ls.params, &ls.policy, kv, ls.discovery)
-			if ok && r.Value == valReject {
-				return failWith(loginAuthFailure)
+		}
+		if isAuthKey(kv.Key) {
+			if csg != stageSecurity {
+				// Security keys belong to the security stage (RFC 7143 §6.3).
+				return failWith(loginInitiatorError)
 			}
-			out = append(out, r)
 			continue
 		}
-		if r, ok := negotiateKey(&ls.params, &ls.policy, kv, ls.discovery); ok {
+		r, ok := negotiateKey(&ls.params, &ls.policy, kv, ls.discovery)
+		if ok && kv.Key == "MaxRecvDataSegmentLength" && r.Value == valReject {
+			// A declaration outside 512..2^24-1 cannot be rejected and declared back under
+			// the same key in one answer; there is no value the session could run with.
+			return failWith(loginInitiatorError)
+		}
+		if ok {
 			out = append(out, r)
 		}
 	}
 	ls.params.finish()
+	for i := range out {
+		// The burst lengths may arrive in either order; the answer must never let the
+		// first burst exceed the whole burst (RFC 7143 §13.14), or immediate data the
+		// initiator was allowed to send would exceed what the session accepts.
+		if out[i].Key == "FirstBurstLength" && out[i].Value != valIrrelevant && out[i].Value != valReject {
+			out[i].Value = strconv.FormatUint(uint64(ls.params.FirstBurstLength), 10)
+		}
+	}
 	if !ls.declaredDSL && (csg == stageOperational || (transit && nsg == stageFullFeature)) {
 		ls.declaredDSL = true
 		out = append(out, textKV{"MaxRecvDataSegmentLength", strconv.FormatUint(uint64(ls.params.TargetRecvDSL), 10)})
 	}
+	out = uniqueKeys(out)
 
 	if transit {
 		resp[1] = flagTransit | csg<<2 | nsg
@@ -282,6 +337,24 @@ func (ls *loginState) nextPart() (bhs, []byte, bool) {
 	}
 	ls.fillSN(&resp)
 	return resp, part, false
+}
+
+// uniqueKeys drops later answers to a key already answered: a response never carries a key
+// twice (RFC 7143 §6.6). Our own declarations come first and win, e.g. TargetAlias over the
+// Reject of an initiator that sent TargetAlias itself.
+func uniqueKeys(out []textKV) []textKV {
+	if len(out) < 2 {
+		return out
+	}
+	seen := make(map[string]bool, len(out))
+	kept := out[:0]
+	for _, kv := range out {
+		if !seen[kv.Key] {
+			seen[kv.Key] = true
+			kept = append(kept, kv)
+		}
+	}
+	return kept
 }
 
 func (ls *loginState) fillSN(resp *bhs) {

@@ -1,16 +1,40 @@
 package target
 
 import (
+	"crypto/rand"
 	"encoding/binary"
 	"fmt"
 	"strings"
 	"testing"
+
+	"nstarget/target/chap"
 )
 
 type fakeLoginEnv struct {
 	targets   map[string]*Target
 	completed int
+	disc      *chap.Credentials
+	issuedLog *challengeLog
+	nextID    byte
 }
+
+func (e *fakeLoginEnv) discoveryCHAP() *chap.Credentials { return e.disc }
+
+func (e *fakeLoginEnv) challenge(n int) (byte, []byte) {
+	if e.issuedLog == nil {
+		e.issuedLog = newChallengeLog()
+	}
+	c := make([]byte, n)
+	for {
+		rand.Read(c)
+		if e.issuedLog.add(c) {
+			e.nextID++
+			return e.nextID, c
+		}
+	}
+}
+
+func (e *fakeLoginEnv) issued(c []byte) bool { return e.issuedLog != nil && e.issuedLog.has(c) }
 
 func (e *fakeLoginEnv) findTarget(name, initiator string) (*Target, uint16) {
 	tg := e.targets[name]

@@ -28,14 +28,24 @@ func startRAMServer(t *testing.T, opts Options) *testServer {
 // startRAMServerLimited serves tenant t1 with its own limits.
 func startRAMServerLimited(t *testing.T, opts Options, lim Limits) *testServer {
 	t.Helper()
+	return startRAMServerWith(t, opts, lim, nil)
+}
+
+// startRAMServerWith lets setup change the target's configuration before anything is served.
+func startRAMServerWith(t *testing.T, opts Options, lim Limits, setup func(cfg *TargetConfig, tn *Tenant)) *testServer {
+	t.Helper()
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	}
 	s := NewServer(opts)
 	dev := newRAMDevice(64 << 20)
 	iqn := "iqn.2026-01.test.nstarget:ram"
-	tg := newTarget(TargetConfig{IQN: iqn, Alias: "ram"}, dev)
+	cfg := TargetConfig{IQN: iqn, Alias: "ram"}
 	tenant := s.NewTenant("t1", lim)
+	if setup != nil {
+		setup(&cfg, tenant)
+	}
+	tg := newTarget(cfg, dev)
 	tenant.Targets = []*Target{tg}
 	// Another tenant's target: never visible from t1.
 	s.NewTenant("t2", Limits{}).Targets = []*Target{newTarget(TargetConfig{IQN: "iqn.2026-01.test.nstarget:other-tenant"}, newRAMDevice(1<<20))}

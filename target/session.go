@@ -1,6 +1,8 @@
 package target
 
 import (
+	"log/slog"
+	"math/rand/v2"
 	"time"
 
 	"nstarget/target/scsi"
@@ -59,23 +61,27 @@ func (s *Server) admit(ss *session) (tsih uint16, status uint16) {
 		}
 	}
 	if r := s.ledger.take(&t.acct, resSessions, 1); r != granted {
-		s.refused(ss.conn.log, t, "session-limit", "login refused: too many sessions", "refused_by", r.String(),
+		s.refused(ss.conn.log, t, slog.LevelInfo, "session-limit", "login refused: too many sessions", "refused_by", r.String(),
 			"tenant_limit", t.acct.limit[resSessions])
 		return 0, loginOutOfResources
 	}
 	ss.counted = true
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for range 65536 {
-		s.nextTSIH++
-		if s.nextTSIH == 0 {
-			continue
-		}
-		if _, used := s.tsihs[s.nextTSIH]; !used {
+	// Random, not sequential: a counter shared by all tenants would let one tenant count
+	// the others' logins from its own TSIHs. Unique server-wide, as the registry needs.
+	ss.tsih = 0
+	for range 1 << 20 {
+		if v := uint16(rand.N(65535)) + 1; s.tsihs[v] == nil {
+			ss.tsih = v
 			break
 		}
 	}
-	ss.tsih = s.nextTSIH
+	if ss.tsih == 0 {
+		s.ledger.give(&t.acct, resSessions, 1)
+		ss.counted = false
+		return 0, loginOutOfResources
+	}
 	s.tsihs[ss.tsih] = ss
 	s.sessions[ss.key] = ss
 	return ss.tsih, 0

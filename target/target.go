@@ -23,6 +23,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"nstarget/target/chap"
 	"nstarget/target/iscsiname"
 	"nstarget/target/scsi"
 )
@@ -53,6 +54,10 @@ type Options struct {
 	// FDReserve is how many descriptors are kept free of connections for listeners, volumes
 	// and logs when MaxConnections is derived; default 256.
 	FDReserve int
+	// AuthFailDelay is how long a login that failed authentication waits before its
+	// refusal is sent: the same for every failure, so neither timing nor rate tells an
+	// attacker which check failed or lets it guess quickly. Default 1s.
+	AuthFailDelay time.Duration
 }
 
 // Server is shared by all tenants: it holds every tenant, target and session, and the
@@ -65,13 +70,13 @@ type Server struct {
 	ledger *ledger
 	limits *refusalLog
 
-	nextNexus atomic.Uint64
+	nextNexus  atomic.Uint64
+	challenges *challengeLog
 
 	mu       sync.Mutex
 	tenants  map[*Tenant]struct{}
 	sessions map[sessionKey]*session
 	tsihs    map[uint16]*session
-	nextTSIH uint16
 	conns    map[*conn]struct{}
 	closing  bool
 }
@@ -98,6 +103,9 @@ func NewServer(opts Options) *Server {
 	if opts.MaxBufferBytes <= 0 {
 		opts.MaxBufferBytes = defaultMaxBufferBytes
 	}
+	if opts.AuthFailDelay <= 0 {
+		opts.AuthFailDelay = time.Second
+	}
 	if opts.FDReserve <= 0 {
 		opts.FDReserve = defaultFDReserve
 	}
@@ -116,12 +124,13 @@ func NewServer(opts Options) *Server {
 		policy: pol,
 		// Sessions and commands are bounded per tenant and, through connections and the
 		// CmdSN window, per server; their server-wide limits only need to be no tighter.
-		ledger:   newLedger([numResources]int64{conns, conns, conns * int64(opts.QueueDepth+maxImmediate), opts.MaxBufferBytes}),
-		limits:   newRefusalLog(refusalLogEvery),
-		tenants:  make(map[*Tenant]struct{}),
-		sessions: make(map[sessionKey]*session),
-		tsihs:    make(map[uint16]*session),
-		conns:    make(map[*conn]struct{}),
+		ledger:     newLedger([numResources]int64{conns, conns, conns * int64(opts.QueueDepth+maxImmediate), opts.MaxBufferBytes}),
+		limits:     newRefusalLog(refusalLogEvery),
+		challenges: newChallengeLog(),
+		tenants:    make(map[*Tenant]struct{}),
+		sessions:   make(map[sessionKey]*session),
+		tsihs:      make(map[uint16]*session),
+		conns:      make(map[*conn]struct{}),
 	}
 }
 
@@ -130,7 +139,10 @@ type TargetConfig struct {
 	IQN        string
 	Alias      string
 	Initiators []string // allow-list of initiator names; empty allows any initiator of the tenant
-	LUNs       map[uint64]*scsi.LU
+	// CHAP, when set, is what an initiator must prove in the security stage; with an
+	// allow-list too, both must pass.
+	CHAP *chap.Credentials
+	LUNs map[uint64]*scsi.LU
 }
 
 // Target is one iSCSI target with its sessions. The same IQN in two tenants is two Targets.
@@ -139,6 +151,9 @@ type Target struct {
 	dev    device
 	allow  map[string]bool
 	closed atomic.Bool
+	// allowLive replaces allow once SetInitiators has been called (a live change).
+	allowLive atomic.Pointer[map[string]bool]
+	lunStats  map[uint64]*lunCounters // fixed at construction
 }
 
 // IQN returns the target's name.
@@ -153,7 +168,10 @@ func (s *Server) NewTarget(cfg TargetConfig) (*Target, error) {
 }
 
 func newTarget(cfg TargetConfig, dev device) *Target {
-	tg := &Target{cfg: cfg, dev: dev}
+	tg := &Target{cfg: cfg, dev: dev, lunStats: make(map[uint64]*lunCounters, len(cfg.LUNs))}
+	for n := range cfg.LUNs {
+		tg.lunStats[n] = new(lunCounters)
+	}
 	if len(cfg.Initiators) > 0 {
 		tg.allow = make(map[string]bool, len(cfg.Initiators))
 		for _, n := range cfg.Initiators {
@@ -164,7 +182,11 @@ func newTarget(cfg TargetConfig, dev device) *Target {
 }
 
 func (tg *Target) allows(initiator string) bool {
-	return tg.allow == nil || tg.allow[initiator]
+	allow := tg.allow
+	if p := tg.allowLive.Load(); p != nil {
+		allow = *p
+	}
+	return allow == nil || allow[initiator]
 }
 
 // device is what the iSCSI layer needs of a SCSI target device (*scsi.Device); an interface so
@@ -183,8 +205,13 @@ type Tenant struct {
 	Name    string
 	Targets []*Target
 	Limits  Limits // resolved: the tenant's own, server defaults filled in
-	acct    account
-	closed  atomic.Bool
+	// DiscoveryCHAP, when set, is what discovery sessions of this tenant must prove.
+	DiscoveryCHAP *chap.Credentials
+	acct          account
+	closed        atomic.Bool
+	// live replaces Targets once SetTargets has been called (a live change).
+	live  atomic.Pointer[[]*Target]
+	stats tenantCounters
 }
 
 // NewTenant registers a tenant; lim's zero fields take Options.TenantLimits.
@@ -198,7 +225,7 @@ func (s *Server) NewTenant(name string, lim Limits) *Tenant {
 }
 
 func (t *Tenant) find(iqn string) *Target {
-	for _, tg := range t.Targets {
+	for _, tg := range t.targets() {
 		if tg.cfg.IQN == iqn && !tg.closed.Load() {
 			return tg
 		}
@@ -235,7 +262,7 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn, t *Tenant, attrs ...
 	}
 	if r := s.ledger.take(&t.acct, resConns, 1); r != granted {
 		c.Close()
-		s.refused(s.log.With(slog.String("tenant", t.Name), slog.String("remote", c.RemoteAddr().String())), t,
+		s.refused(s.log.With(slog.String("tenant", t.Name), slog.String("remote", c.RemoteAddr().String())), t, slog.LevelInfo,
 			"connection-limit", "connection refused: too many connections", "refused_by", r.String(),
 			"tenant_limit", t.acct.limit[resConns])
 		return fmt.Errorf("target: tenant %s: connection %w: %s", t.Name, ErrRefused, r)
@@ -256,30 +283,6 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn, t *Tenant, attrs ...
 		s.mu.Unlock()
 	}()
 	return cn.serve(ctx)
-}
-
-// CloseTenant ends every connection of t, waits for them and unregisters t: when it returns,
-// the tenant's sessions are gone and everything they held has been given back. New
-// connections of t are refused from the moment it is called.
-func (s *Server) CloseTenant(t *Tenant) {
-	t.closed.Store(true)
-	s.mu.Lock()
-	var victims []*conn
-	for c := range s.conns {
-		if c.tenant == t {
-			victims = append(victims, c)
-		}
-	}
-	s.mu.Unlock()
-	for _, c := range victims {
-		c.kill()
-	}
-	for _, c := range victims {
-		<-c.done
-	}
-	s.mu.Lock()
-	delete(s.tenants, t)
-	s.mu.Unlock()
 }
 
 // Shutdown asks every session to log out (Async Message), waits for them until ctx is done,
@@ -310,7 +313,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 
 // refused logs a refusal (a limit reached) at most once per refusalLogEvery per tenant and
 // reason, with how many were suppressed since the last line.
-func (s *Server) refused(log *slog.Logger, t *Tenant, reason, msg string, attrs ...any) {
+func (s *Server) refused(log *slog.Logger, t *Tenant, level slog.Level, reason, msg string, attrs ...any) {
 	ok, suppressed := s.limits.allow(t.Name + "\x00" + reason)
 	if !ok {
 		return
@@ -318,5 +321,5 @@ func (s *Server) refused(log *slog.Logger, t *Tenant, reason, msg string, attrs 
 	if suppressed > 0 {
 		attrs = append(attrs, "suppressed", suppressed)
 	}
-	log.Info(msg, append(attrs, "reason", reason)...)
+	log.Log(context.Background(), level, msg, append(attrs, "reason", reason)...)
 }

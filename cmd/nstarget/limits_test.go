@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -58,14 +60,25 @@ name = "a"
 
 // Every commented key of the example is valid once uncommented.
 func TestExampleIsValidWithEveryOptionalKeyUncommented(t *testing.T) {
-	commented := regexp.MustCompile(`(?m)^(\s*)# ?(\[[a-z.]+\]|[a-z_]+\s*=)`)
+	commented := regexp.MustCompile(`(?m)^(\s*)# ?(\[[a-z_.]+\]|[a-z_]+\s*=)`)
 	doc := commented.ReplaceAllString(exampleConfig, "$1$2")
 	if doc == exampleConfig {
 		t.Fatal("no commented keys found in example.toml")
 	}
+	// The example's secret files, as an operator would create them (root, mode 0600).
+	dir := t.TempDir()
+	for _, f := range regexp.MustCompile(`/etc/nstarget/([a-z-]+\.secret)`).FindAllStringSubmatch(doc, -1) {
+		if err := os.WriteFile(filepath.Join(dir, f[1]), []byte(f[1]+" is long enough\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	doc = strings.ReplaceAll(doc, "/etc/nstarget/", dir+"/")
 	cfg, err := conf.Parse("example.toml (uncommented)", []byte(doc))
 	if err != nil {
 		t.Fatalf("%v\n%s", err, doc)
+	}
+	if c := cfg.Tenants[0].Targets[0].CHAP; c == nil || !c.Mutual() || cfg.Tenants[0].DiscoveryCHAP == nil {
+		t.Errorf("chap tables of the example not read: %+v", c)
 	}
 	if cfg.Tenants[0].Limits.Connections != 64 || cfg.Tenants[1].Limits != cfg.Server.Limits {
 		t.Errorf("limits: acme %+v globex %+v server %+v", cfg.Tenants[0].Limits, cfg.Tenants[1].Limits, cfg.Server.Limits)

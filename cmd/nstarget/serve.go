@@ -26,6 +26,9 @@ type serveOptions struct {
 	// OnServer, if set, receives the target server as soon as it exists (e.g. to report its
 	// Stats).
 	OnServer func(*target.Server)
+	// OnService, if set, receives the running service once every tenant is set up (to reload
+	// it); it must not block.
+	OnService func(*service)
 }
 
 // checkPool runs the pool's shrink and name checks without creating anything: if data_dir does
@@ -42,10 +45,26 @@ func checkPool(cfg *conf.Config) error {
 	return cfg.CheckVolumes(pool.Check)
 }
 
-// tenantRun is what the accept loop needs to hand a connection to the target layer.
+// tenantRun is a tenant being served: what the accept loop needs to hand a connection to the
+// target layer, and what a reload needs to change it.
 type tenantRun struct {
-	cfg *conf.Tenant
-	t   *target.Tenant
+	cfg     *conf.Tenant
+	t       *target.Tenant
+	targets map[string]*targetRun // by IQN
+}
+
+// targetRun is one target being served with the volumes its LUNs hold open.
+type targetRun struct {
+	tg   *target.Target
+	vols []backend.Volume
+}
+
+func (tr *targetRun) closeVolumes(log *slog.Logger) {
+	for _, v := range tr.vols {
+		if err := v.Close(); err != nil {
+			log.Warn("close volume", "target", tr.tg.IQN(), "err", err)
+		}
+	}
 }
 
 // serve runs every tenant of cfg until ctx is done, then shuts down cleanly: listeners first,
@@ -77,18 +96,18 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 	if opts.OnServer != nil {
 		opts.OnServer(srv)
 	}
-	byNetns := make(map[string]*tenantRun, len(cfg.Tenants))
+	svc := &service{log: log, pool: pool, srv: srv, cfg: cfg, byNetns: make(map[string]*tenantRun, len(cfg.Tenants))}
 	for _, tn := range cfg.Tenants {
 		rt, err := buildTenant(pool, srv, tn)
 		if err != nil {
 			return err
 		}
-		byNetns[tn.Netns] = rt
+		svc.byNetns[tn.Netns] = rt
 	}
 
 	tenantOf := func(ns string) string {
-		if rt := byNetns[ns]; rt != nil {
-			return rt.cfg.Name
+		if rt := svc.lookup(ns); rt != nil {
+			return rt.t.Name
 		}
 		return ""
 	}
@@ -105,6 +124,7 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 	if err != nil {
 		return fmt.Errorf("netnsmux: %w", err)
 	}
+	svc.mux = mux
 	for _, tn := range cfg.Tenants {
 		if err := mux.Listen(tn.Netns, tn.Portal); err != nil {
 			mux.Close()
@@ -126,9 +146,12 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 	acceptDone := make(chan struct{})
 	go func() {
 		defer close(acceptDone)
-		acceptLoop(acceptCtx, log, mux, srv, byNetns, connCtx, &conns)
+		acceptLoop(acceptCtx, log, mux, srv, svc.lookup, connCtx, &conns)
 	}()
-	log.Info("serving", "tenants", len(cfg.Tenants), "data_dir", cfg.Server.DataDir, "netns_dir", cfg.Server.NetnsDir,
+	if opts.OnService != nil {
+		opts.OnService(svc)
+	}
+	log.Info("serving", "version", version(), "tenants", len(cfg.Tenants), "data_dir", cfg.Server.DataDir, "netns_dir", cfg.Server.NetnsDir,
 		"max_buffer", cfg.Server.MaxBuffer, "max_connections", cfg.Server.MaxConnections,
 		"nop_interval", cfg.Server.NopInterval, "nop_timeout", cfg.Server.NopTimeout)
 
@@ -142,7 +165,10 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 	}
 	stopAccept()
 	<-acceptDone
-	for _, tn := range cfg.Tenants {
+	// No reload runs from here on, and none is half done.
+	svc.reloadMu.Lock()
+	defer svc.reloadMu.Unlock()
+	for _, tn := range svc.current().Tenants {
 		mux.Unlisten(tn.Netns, tn.Portal)
 	}
 	shCtx, cancel := context.WithTimeout(context.Background(), opts.ShutdownTimeout)
@@ -152,6 +178,7 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 	cancel()
 	stopConns()
 	conns.Wait()
+	svc.retiring.Wait()
 	if err := mux.Close(); err != nil {
 		log.Warn("close netnsmux", "err", err)
 	}
@@ -169,35 +196,56 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 // buildTenant opens the tenant's volumes and registers the tenant, with its limits, and its
 // targets. Volumes stay open until the pool is closed.
 func buildTenant(pool *backend.Pool, srv *target.Server, tn *conf.Tenant) (*tenantRun, error) {
-	rt := &tenantRun{cfg: tn, t: srv.NewTenant(tn.Name, targetLimits(tn.Limits))}
+	rt := &tenantRun{cfg: tn, t: srv.NewTenant(tn.Name, targetLimits(tn.Limits)), targets: make(map[string]*targetRun)}
+	rt.t.DiscoveryCHAP = tn.DiscoveryCHAP
 	for _, tc := range tn.Targets {
-		luns := make(map[uint64]*scsi.LU, len(tc.LUNs))
-		for _, l := range tc.LUNs {
-			vol, err := pool.Open(l.Volume, l.Size)
-			if err != nil {
-				return nil, fmt.Errorf("tenant %s: target %s: LUN %d: %w", tn.Name, tc.IQN, l.ID, err)
-			}
-			lu, err := scsi.NewLU(vol, scsi.LUConfig{ReadOnly: l.ReadOnly, WriteCache: l.WriteCache})
-			if err != nil {
-				vol.Close()
-				return nil, fmt.Errorf("tenant %s: target %s: LUN %d on volume %s: %w", tn.Name, tc.IQN, l.ID, l.Volume, err)
-			}
-			luns[l.ID] = lu
-		}
-		tg, err := srv.NewTarget(target.TargetConfig{IQN: tc.IQN, Alias: tc.Alias, Initiators: tc.Initiators, LUNs: luns})
+		tr, err := buildTarget(pool, srv, tn, tc)
 		if err != nil {
-			return nil, fmt.Errorf("tenant %s: target %s: %w", tn.Name, tc.IQN, err)
+			for _, done := range rt.targets {
+				done.closeVolumes(slog.Default())
+			}
+			return nil, err
 		}
-		rt.t.Targets = append(rt.t.Targets, tg)
+		rt.targets[tc.IQN] = tr
+		rt.t.Targets = append(rt.t.Targets, tr.tg)
 	}
 	return rt, nil
+}
+
+// buildTarget opens the volumes of tc's LUNs and makes the target. On failure nothing stays
+// open.
+func buildTarget(pool *backend.Pool, srv *target.Server, tn *conf.Tenant, tc *conf.Target) (*targetRun, error) {
+	tr := &targetRun{}
+	luns := make(map[uint64]*scsi.LU, len(tc.LUNs))
+	fail := func(err error) (*targetRun, error) {
+		tr.closeVolumes(slog.Default())
+		return nil, err
+	}
+	for _, l := range tc.LUNs {
+		vol, err := pool.Open(l.Volume, l.Size)
+		if err != nil {
+			return fail(fmt.Errorf("tenant %s: target %s: LUN %d: %w", tn.Name, tc.IQN, l.ID, err))
+		}
+		tr.vols = append(tr.vols, vol)
+		lu, err := scsi.NewLU(vol, scsi.LUConfig{ReadOnly: l.ReadOnly, WriteCache: l.WriteCache})
+		if err != nil {
+			return fail(fmt.Errorf("tenant %s: target %s: LUN %d on volume %s: %w", tn.Name, tc.IQN, l.ID, l.Volume, err))
+		}
+		luns[l.ID] = lu
+	}
+	tg, err := srv.NewTarget(target.TargetConfig{IQN: tc.IQN, Alias: tc.Alias, Initiators: tc.Initiators, CHAP: tc.CHAP, LUNs: luns})
+	if err != nil {
+		return fail(fmt.Errorf("tenant %s: target %s: %w", tn.Name, tc.IQN, err))
+	}
+	tr.tg = tg
+	return tr, nil
 }
 
 // acceptLoop hands every accepted connection to the target layer under the tenant of the
 // namespace it arrived in, until ctx is done. Each connection's goroutine is counted in conns
 // and ends when connCtx is done or the connection ends.
 func acceptLoop(ctx context.Context, log *slog.Logger, mux *netnsmux.Mux, srv *target.Server,
-	byNetns map[string]*tenantRun, connCtx context.Context, conns *sync.WaitGroup) {
+	lookup func(netns string) *tenantRun, connCtx context.Context, conns *sync.WaitGroup) {
 	for {
 		c, err := mux.Accept(ctx)
 		if err != nil {
@@ -212,7 +260,7 @@ func acceptLoop(ctx context.Context, log *slog.Logger, mux *netnsmux.Mux, srv *t
 			}
 			continue
 		}
-		rt := byNetns[c.Namespace]
+		rt := lookup(c.Namespace)
 		if rt == nil {
 			// Only namespaces we asked to Listen in can produce conns; be strict anyway.
 			log.Error("connection from a namespace no tenant owns", "netns", c.Namespace, "netns_id", uint64(c.ID))
@@ -221,7 +269,7 @@ func acceptLoop(ctx context.Context, log *slog.Logger, mux *netnsmux.Mux, srv *t
 		}
 		// The target layer adds tenant and remote itself; it gets what only we know.
 		nsAttrs := []slog.Attr{slog.String("netns", c.Namespace), slog.Uint64("netns_id", uint64(c.ID))}
-		attrs := append([]slog.Attr{slog.String("tenant", rt.cfg.Name), slog.String("remote", c.RemoteAddr().String())}, nsAttrs...)
+		attrs := append([]slog.Attr{slog.String("tenant", rt.t.Name), slog.String("remote", c.RemoteAddr().String())}, nsAttrs...)
 		conns.Add(1)
 		go func() {
 			defer conns.Done()

@@ -19,6 +19,9 @@
 #   CASES="..."         subset of: 4k-rand-qd32 4k-rand-qd1 64k-rand-qd8 1m-seq-qd4 4k-rand-qd16x2
 #   RESULTS_DIR=/tmp/nstarget-bench   where the CSV, the table and failure logs are written
 #   NST_BIN=path        use this nstarget binary instead of building one
+#   PEER_REV=rev        before/after: the peer is nstarget built from git revision rev (e.g.
+#                       HEAD~1) instead of tgtd; goal ratio 0.97 (no row may regress > 3%)
+#   PEER_BIN=path       the same with a ready nstarget binary as the peer
 #   NST_FALLBACK=0      0: nstarget must serve, else fail; 1: run tgtd in nstarget's place
 #                       (harness validation only, loudly marked); auto: fall back if serve fails
 #   NST_START_TIMEOUT=60  seconds to wait for a server (nstarget, tgtd) to serve the LUN; only a
@@ -47,6 +50,15 @@ BENCH_NICE=${BENCH_NICE:-0}
 [[ $BENCH_NICE =~ ^-?[0-9]+$ ]] || { echo "BENCH_NICE must be an integer" >&2; exit 1; }
 NICE=(nice -n "$BENCH_NICE") # nice execs its command: the PID we hold stays the server's
 GOAL_RATIO=1.20
+PEER_REV=${PEER_REV:-}
+PEER_BIN=${PEER_BIN:-}
+PEER_KIND=tgtd
+PEER_NAME=tgtd
+if [[ -n $PEER_REV || -n $PEER_BIN ]]; then
+	PEER_KIND=nstarget
+	PEER_NAME=base
+	GOAL_RATIO=0.97
+fi
 GOAL_LOOPBACK_PCT=80
 
 IQN=iqn.2026-11.io.nstarget:bench
@@ -75,7 +87,7 @@ for c in $CASES; do [[ -n ${C_BS[$c]:-} ]] || die "unknown case $c (known: $ALL_
 # ---- tools: only scripts/deps.sh installs anything ----
 export PATH=$PATH:/usr/sbin:/sbin
 need=(ip iscsi-perf iscsi-readcapacity16 tgtd tgtadm iperf3 qemu-img timeout)
-[[ -n ${NST_BIN:-} ]] || need+=(go)
+[[ -n ${NST_BIN:-} && -z $PEER_REV ]] || need+=(go)
 missing() { local t; for t in "${need[@]}"; do command -v "$t" >/dev/null 2>&1 || echo "$t"; done; }
 if [[ -n $(missing) ]]; then
 	log "missing: $(missing | tr '\n' ' ')— running scripts/deps.sh"
@@ -227,6 +239,7 @@ start_tgtd() { # start_tgtd NS: Debian's tgtd alone in NS, LUN 1 = our volume
 }
 
 NST_CFG=$WORK/nstarget.toml
+PEER_CFG=$WORK/nstarget-base.toml
 PPROF_ADDR=""
 start_nstarget() {
 	SRV_STARTS=$((SRV_STARTS + 1))
@@ -241,8 +254,21 @@ start_nstarget() {
 }
 
 NST_IS_TGTD=0 # fallback: tgtd plays nstarget's part (harness validation only)
+# start_peer_nstarget: the base nstarget of a before/after run, alone in the peer's namespace.
+start_peer_nstarget() {
+	SRV_STARTS=$((SRV_STARTS + 1))
+	SRV_NS=$NS_TGT SRV_KIND=nstarget-base SRV_LOG=$WORK/nstarget-base-$SRV_STARTS.log
+	"${NICE[@]}" "$PEER_BIN" serve -c "$PEER_CFG" >>"$SRV_LOG" 2>&1 &
+	SRV_PID=$!
+	STARTED_PIDS+=("$SRV_PID")
+	SRV_URL=iscsi://$PORTAL/$IQN/0
+	wait_served "$NST_START_TIMEOUT"
+}
+
 start_server() { # start_server nst|tgt
-	if [[ $1 == tgt ]]; then
+	if [[ $1 == tgt && $PEER_KIND == nstarget ]]; then
+		start_peer_nstarget
+	elif [[ $1 == tgt ]]; then
 		start_tgtd "$NS_TGT"
 	elif [[ $NST_IS_TGTD == 1 ]]; then
 		start_tgtd "$NS_NST"
@@ -258,7 +284,7 @@ stop_server() {
 	forget_pid "$SRV_PID"
 	SRV_PID=""
 }
-label() { if [[ $1 == tgt ]]; then echo tgtd; elif [[ $NST_IS_TGTD == 1 ]]; then echo "tgtd-as-nstarget(FALLBACK)"; else echo nstarget; fi; }
+label() { if [[ $1 == tgt ]]; then echo "$PEER_NAME"; elif [[ $NST_IS_TGTD == 1 ]]; then echo "tgtd-as-nstarget(FALLBACK)"; else echo nstarget; fi; }
 
 FAILED=0
 echo "kind,round,case,server,label,initiators,bs,qd,pattern,runtime_s,iops,mib_s,server_cpu_pct,server_threads,client_cpu_pct,host_busy_pct,wall_s,status" >"$CSV"
@@ -439,7 +465,21 @@ else
 		fi
 	fi
 fi
-start_tgtd "$NS_TGT" && verify_data 1 || die "tgtd does not serve the volume (log: $SRV_LOG)"
+if [[ $PEER_KIND == nstarget ]]; then
+	sed "s/^netns  = \"$NS_NST\"/netns  = \"$NS_TGT\"/" "$NST_CFG" >"$PEER_CFG"
+	if [[ -n $PEER_REV ]]; then
+		PEER_BIN=$WORK/nstarget-base
+		log "go build -o $PEER_BIN ./cmd/nstarget at $PEER_REV"
+		git -C "$ROOT" worktree add -q --detach "$WORK/base-src" "$PEER_REV" >"$WORK/base-build.log" 2>&1 &&
+			(cd "$WORK/base-src" && go build -o "$PEER_BIN" ./cmd/nstarget) >>"$WORK/base-build.log" 2>&1 ||
+			{ tail -n 20 "$WORK/base-build.log" >&2; die "cannot build nstarget at $PEER_REV"; }
+		git -C "$ROOT" worktree remove --force "$WORK/base-src" >/dev/null 2>&1 || true
+		PEER_NAME="base@$(git -C "$ROOT" rev-parse --short "$PEER_REV")"
+	fi
+	start_peer_nstarget && verify_data 0 || die "the base nstarget does not serve the volume (log: $SRV_LOG)"
+else
+	start_tgtd "$NS_TGT" && verify_data 1 || die "tgtd does not serve the volume (log: $SRV_LOG)"
+fi
 stop_server
 if [[ $PROFILE == 1 ]]; then
 	if [[ $NST_IS_TGTD == 0 ]] && "$NST_BIN" help 2>&1 | grep -qE -- "-{1,2}${NST_PPROF_FLAG##*-}\b"; then
@@ -473,7 +513,7 @@ done
 # ---- the table of medians ----
 summarize() {
 	awk -F, -v cases="$CASES" -v goal="$GOAL_RATIO" -v lgoal="$GOAL_LOOPBACK_PCT" \
-		-v nstlabel="$(label nst)" -v nicelvl="$BENCH_NICE" -v rounds="$ROUNDS" -v runtime="$RUNTIME" '
+		-v nstlabel="$(label nst)" -v peer="$PEER_NAME" -v nicelvl="$BENCH_NICE" -v rounds="$ROUNDS" -v runtime="$RUNTIME" '
 	function median(list,   v, n, i, j, t) {
 		n = split(list, v, " ")
 		if (n == 0) return ""
@@ -493,7 +533,7 @@ summarize() {
 	END {
 		printf "iscsi-perf (libiscsi), 1 GiB page-cached volume, %d round(s) x %d s, medians; MiB/s = 2^20 B/s; CPU%% = server utime+stime / wall (100%% = one core)\n", rounds, runtime
 		printf "nstarget column: %s; nice level of servers and initiators: %s\n\n", nstlabel, nicelvl
-		printf "%-15s | %9s %8s %6s %4s | %9s %8s %6s %4s | %-7s %-7s %-5s | %s\n", "case", "nst IOPS", "MiB/s", "CPU%", "thr", "tgtd IOPS", "MiB/s", "CPU%", "thr", "ratio", "goal", "", "per-round IOPS nst vs tgtd"
+		printf "%-15s | %9s %8s %6s %6s %4s | %9s %8s %6s %6s %4s | %-7s %-7s %-5s | %s\n", "case", "nst IOPS", "MiB/s", "CPU%", "us/IO", "thr", substr(peer, 1, 9) " IOPS", "MiB/s", "CPU%", "us/IO", "thr", "ratio", "goal", "", "per-round IOPS nst vs " peer
 		n = split(cases, cs, " ")
 		for (i = 1; i <= n; i++) {
 			c = cs[i]; a = c SUBSEP "nst"; b = c SUBSEP "tgt"
@@ -501,9 +541,12 @@ summarize() {
 			# Truncated, not rounded, so the printed ratio never reads as meeting a goal it misses.
 			r = (ni != "" && ti > 0) ? int(100 * ni / ti) / 100 : ""
 			mark = (r == "") ? "n/a" : (r >= goal ? "ok" : "BELOW")
-			printf "%-15s | %9s %8s %6s %4s | %9s %8s %6s %4s | %-7s %-7s %-5s | %s vs %s\n", c,
-				fmt(ni, "%.0f"), fmt(median(vals[a SUBSEP "mib"]), "%.0f"), fmt(median(vals[a SUBSEP "cpu"]), "%.0f"), fmt(median(vals[a SUBSEP "thr"]), "%.0f"),
-				fmt(ti, "%.0f"), fmt(median(vals[b SUBSEP "mib"]), "%.0f"), fmt(median(vals[b SUBSEP "cpu"]), "%.0f"), fmt(median(vals[b SUBSEP "thr"]), "%.0f"),
+			nc = median(vals[a SUBSEP "cpu"]); tc = median(vals[b SUBSEP "cpu"])
+			# Server CPU time per I/O: CPU% of one core over IOPS, in microseconds.
+			nu = (nc != "" && ni > 0) ? 1e4 * nc / ni : ""; tu = (tc != "" && ti > 0) ? 1e4 * tc / ti : ""
+			printf "%-15s | %9s %8s %6s %6s %4s | %9s %8s %6s %6s %4s | %-7s %-7s %-5s | %s vs %s\n", c,
+				fmt(ni, "%.0f"), fmt(median(vals[a SUBSEP "mib"]), "%.0f"), fmt(nc, "%.0f"), fmt(nu, "%.1f"), fmt(median(vals[a SUBSEP "thr"]), "%.0f"),
+				fmt(ti, "%.0f"), fmt(median(vals[b SUBSEP "mib"]), "%.0f"), fmt(tc, "%.0f"), fmt(tu, "%.1f"), fmt(median(vals[b SUBSEP "thr"]), "%.0f"),
 				fmt(r, "%.2fx"), ">=" goal "x", mark, per[a], per[b]
 		}
 		lo = median(vals["lo"])
@@ -514,7 +557,7 @@ summarize() {
 		}
 		printf "loopback TCP (iperf3, 1 stream, same run): %s MiB/s (per round:%s)\n", fmt(lo, "%.0f"), vals["lo"]
 		for (s = 1; s <= 2; s++) {
-			who = (s == 1) ? "nst" : "tgt"; name = (s == 1) ? "nstarget" : "tgtd"
+			who = (s == 1) ? "nst" : "tgt"; name = (s == 1) ? "nstarget" : peer
 			m = median(vals["1m-seq-qd4" SUBSEP who SUBSEP "mib"])
 			pct = (m != "" && lo > 0) ? int(100 * m / lo) : ""
 			if (pct != "") printf "1m-seq-qd4 %-8s vs loopback TCP: %d%% (goal >= %d%%) %s\n", name, pct, lgoal, (s == 1) ? (pct >= lgoal ? "ok" : "BELOW") : "(reference)"

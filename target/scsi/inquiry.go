@@ -88,7 +88,10 @@ func (lu *LU) standardInquiry() []byte {
 	d[2] = 0x06 // SPC-4
 	d[3] = 0x12 // HISUP, response data format 2
 	d[4] = byte(len(d) - 5)
-	d[5] = 0x00
+	// TPGS=01b, implicit ALUA: REPORT TARGET PORT GROUPS answers (one group, active/optimized)
+	// and VPD 0x83 names the group, and SPC-4 allows both only with TPGS non-zero. Linux then
+	// attaches its ALUA handler, which finds a single optimized path.
+	d[5] = 0x10
 	d[6] = 0x00
 	d[7] = 0x02 // CMDQUE
 	padASCII(d[8:16], lu.cfg.Vendor)

@@ -62,6 +62,10 @@ type LU struct {
 	resv2ID uint64
 	pr      prState
 	mode    modeState
+
+	// prStore keeps pr through restarts while APTPL is in effect; nil if the volume's backend
+	// has no state store (APTPL is then refused).
+	prStore backend.StateStore
 }
 
 // nexusState is per-I_T-nexus state kept by an LU.
@@ -74,8 +78,9 @@ type nexusState struct {
 
 var scratchPool = sync.Pool{New: func() any { b := make([]byte, scratchBytes); return &b }}
 
-// NewLU makes a logical unit on vol. Device identifiers (VPD 0x80/0x83) derive from the volume,
-// never from the tenant's network, so they are stable across restarts and addresses.
+// NewLU makes a logical unit on vol. Device identifiers (VPD 0x80/0x83) derive from the volume
+// and its pool's identity (identitySeed), never from the tenant's network, so they are stable
+// across restarts, reloads and addresses.
 func NewLU(vol backend.Volume, cfg LUConfig) (*LU, error) {
 	if vol == nil {
 		return nil, errors.New("scsi: NewLU: nil volume")
@@ -111,7 +116,7 @@ func NewLU(vol backend.Volume, cfg LUConfig) (*LU, error) {
 	lu.lbppbe = 0
 	lu.maxXferBlocks = maxTransferBytes / cfg.BlockSize
 	lu.maxWSBlocks = min(0xFFFF, maxWriteSameBytes/cfg.BlockSize)
-	sum := sha256.Sum256([]byte("nstarget-volume:" + vol.Name()))
+	sum := sha256.Sum256([]byte(identitySeed(vol)))
 	// NAA 3: locally assigned, 60 bits of the hash.
 	copy(lu.naa[:], sum[:8])
 	lu.naa[0] = 0x30 | (lu.naa[0] & 0x0F)
@@ -123,7 +128,22 @@ func NewLU(vol backend.Volume, cfg LUConfig) (*LU, error) {
 	lu.serial = sanitizeASCII(lu.serial, 64)
 	lu.writeCache.Store(cfg.WriteCache)
 	lu.mode = defaultModeState(cfg.WriteCache)
+	lu.prStore = prStoreOf(vol)
+	if err := lu.loadPR(); err != nil {
+		return nil, err
+	}
 	return lu, nil
+}
+
+// identitySeed is what the NAA, EUI-64 and serial are hashed from. With the pool's random
+// identity in it, two appliances whose pools hold volumes of the same name present different
+// disks, so multipath on a host attached to both never merges them. A volume without a pool
+// identity (another backend, a test double) falls back to the name alone.
+func identitySeed(vol backend.Volume) string {
+	if id, ok := vol.(backend.Identified); ok {
+		return "nstarget-volume:" + id.PoolID().String() + ":" + vol.Name()
+	}
+	return "nstarget-volume:" + vol.Name()
 }
 
 // sanitizeASCII keeps printable ASCII (SPC-5 4.3.1) and trims to max bytes.

@@ -261,7 +261,7 @@ func (lu *LU) modeSelect(cmd *Command) Result {
 		// flushed by the initiator) must be durable before we say so. The store above comes
 		// first so every write that skipped its own sync is covered by this one.
 		if err := lu.vol.Sync(); err != nil {
-			return withWanted(mediumError(true), uint64(plen))
+			return withWanted(writeError(err), uint64(plen))
 		}
 	}
 	return withWanted(good(), uint64(plen))

@@ -37,13 +37,14 @@ type registrant struct {
 	key       uint64
 }
 
-// prState is the persistent reservation state of an LU; guarded by LU.mu. It is kept in
-// memory only (APTPL is not supported).
+// prState is the persistent reservation state of an LU; guarded by LU.mu. While aptpl is set
+// it is also saved in the volume's state store (pr_persist.go) and restored when the LU opens.
 type prState struct {
 	generation uint32
 	regs       []*registrant
 	holder     *registrant // reservation holder for non-all-registrants types
 	typ        byte        // 0: no reservation
+	aptpl      bool        // the last valid APTPL bit received (SPC-5 5.14.5)
 }
 
 func (p *prState) active() bool { return len(p.regs) > 0 || p.typ != 0 }
@@ -172,6 +173,12 @@ func (lu *LU) prIn(cmd *Command) Result {
 		put16(d[0:], 8)
 		d[2] = 0x10 | 0x04 // CRH, ATP_C
 		d[3] = 0x80 | 0x10 // TMV, ALLOW COMMANDS = 001b
+		if lu.prStore != nil {
+			d[2] |= 0x01 // PTPL_C: APTPL can be honoured
+		}
+		if p.aptpl {
+			d[3] |= 0x01 // PTPL_A: it is in effect
+		}
 		d[4] = 0x80 | 0x40 | 0x20 | 0x08 | 0x02
 		d[5] = 0x01
 	case 0x03: // READ FULL STATUS
@@ -245,7 +252,8 @@ func (lu *LU) prOut(cmd *Command) Result {
 	if flags&0x08 != 0 { // SPEC_I_PT
 		return withWanted(invalidParam(20, 3), w)
 	}
-	if flags&0x01 != 0 { // APTPL: state is not persisted across power loss
+	aptpl := flags&0x01 != 0
+	if aptpl && lu.prStore == nil { // nowhere to keep the state through power loss
 		return withWanted(invalidParam(20, 0), w)
 	}
 	n := nexusOf(cmd)
@@ -254,6 +262,21 @@ func (lu *LU) prOut(cmd *Command) Result {
 		lu.recomputeGate()
 		lu.mu.Unlock()
 	}()
+	before := lu.pr.clone()
+	r := lu.prOutLocked(n, sa, scope, typ, key, sark, aptpl)
+	if r.Status == StatusGood {
+		if err := lu.persistPRLocked(&before); err != nil {
+			// The initiator must not believe a state survives power loss when it would not:
+			// undo the change and say so.
+			lu.pr = before
+			r = illegal(ascInsufficientRegistrationResources)
+		}
+	}
+	return withWanted(r, w)
+}
+
+// prOutLocked applies one PERSISTENT RESERVE OUT service action; mu must be held.
+func (lu *LU) prOutLocked(n *Nexus, sa, scope, typ byte, key, sark uint64, aptpl bool) Result {
 	p := &lu.pr
 	r := p.find(n)
 
@@ -261,17 +284,19 @@ func (lu *LU) prOut(cmd *Command) Result {
 	case saRegister, saRegisterIgnore:
 		if r == nil {
 			if sa == saRegister && key != 0 {
-				return withWanted(reservationConflict(), w)
+				return reservationConflict()
 			}
 			if sark != 0 {
 				p.regs = append(p.regs, &registrant{port: portOf(n), initiator: n.InitiatorName, isid: n.ISID, relPort: relPortOf(n), key: sark})
+				p.aptpl = aptpl
 			}
 			p.generation++
-			return withWanted(good(), w)
+			return good()
 		}
 		if sa == saRegister && key != r.key {
-			return withWanted(reservationConflict(), w)
+			return reservationConflict()
 		}
+		p.aptpl = aptpl
 		if sark == 0 {
 			wasHolder := p.isHolder(r)
 			oldTyp := p.typ
@@ -283,35 +308,35 @@ func (lu *LU) prOut(cmd *Command) Result {
 			r.key = sark
 		}
 		p.generation++
-		return withWanted(good(), w)
+		return good()
 	}
 
 	if r == nil || r.key != key {
-		return withWanted(reservationConflict(), w)
+		return reservationConflict()
 	}
 	switch sa {
 	case saReserve:
 		if scope != 0 {
-			return withWanted(invalidCDB(2, 7), w)
+			return invalidCDB(2, 7)
 		}
 		if !validType(typ) {
-			return withWanted(invalidCDB(2, 3), w)
+			return invalidCDB(2, 3)
 		}
 		if p.typ == 0 {
 			p.typ = typ
 			p.holder = r
-			return withWanted(good(), w)
+			return good()
 		}
 		if p.isHolder(r) && p.typ == typ {
-			return withWanted(good(), w)
+			return good()
 		}
-		return withWanted(reservationConflict(), w)
+		return reservationConflict()
 	case saRelease:
 		if p.typ == 0 || !p.isHolder(r) {
-			return withWanted(good(), w)
+			return good()
 		}
 		if scope != 0 || typ != p.typ {
-			return withWanted(illegal(ascInvalidReleasePR), w)
+			return illegal(ascInvalidReleasePR)
 		}
 		old := p.typ
 		p.typ = 0
@@ -319,7 +344,7 @@ func (lu *LU) prOut(cmd *Command) Result {
 		if old != prWE && old != prEA {
 			lu.uaForRegs(ascReservationsReleased, p.regs, n)
 		}
-		return withWanted(good(), w)
+		return good()
 	case saClear:
 		others := make([]*registrant, 0, len(p.regs))
 		for _, x := range p.regs {
@@ -332,11 +357,11 @@ func (lu *LU) prOut(cmd *Command) Result {
 		p.holder = nil
 		p.typ = 0
 		p.generation++
-		return withWanted(good(), w)
+		return good()
 	case saPreempt, saPreemptAbort:
-		return withWanted(lu.preemptLocked(n, r, sark, scope, typ), w)
+		return lu.preemptLocked(n, r, sark, scope, typ)
 	}
-	return withWanted(invalidCDB(1, 4), w)
+	return invalidCDB(1, 4)
 }
 
 // preemptLocked implements PREEMPT (and PREEMPT AND ABORT, whose task aborting is the

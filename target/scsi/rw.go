@@ -84,7 +84,7 @@ func (lu *LU) readN(cmd *Command) Result {
 		_, err := lu.vol.ReadAt(cmd.DataIn[:n], int64(a.lba)*int64(lu.bs))
 		lu.atomicMu.RUnlock()
 		if err != nil {
-			return withWanted(mediumError(false), wanted)
+			return withWanted(readError(), wanted)
 		}
 	}
 	return Result{Status: StatusGood, DataInLen: int(n), Wanted: uint32(wanted)}
@@ -137,11 +137,11 @@ func (lu *LU) writeN(cmd *Command) Result {
 			lu.atomicMu.RUnlock()
 		}
 		if err != nil {
-			return withWanted(mediumError(true), wanted)
+			return withWanted(writeError(err), wanted)
 		}
 	}
 	if err := lu.durable(fua); err != nil {
-		return withWanted(mediumError(true), wanted)
+		return withWanted(writeError(err), wanted)
 	}
 	return Result{Status: StatusGood, Wanted: uint32(wanted)}
 }
@@ -188,7 +188,7 @@ func (lu *LU) verify(cmd *Command) Result {
 	data = data[:wanted]
 	off, ok, err := lu.compare(a.lba, uint64(a.blocks), data, bytchk == 3)
 	if err != nil {
-		return withWanted(mediumError(false), wanted)
+		return withWanted(readError(), wanted)
 	}
 	if !ok {
 		return withWanted(miscompare(uint32(off)), wanted)
@@ -246,7 +246,7 @@ func (lu *LU) syncCache(cmd *Command) Result {
 		return lbaOutOfRange()
 	}
 	if err := lu.vol.Sync(); err != nil {
-		return mediumError(true)
+		return writeError(err)
 	}
 	return good()
 }
@@ -288,16 +288,16 @@ func (lu *LU) compareAndWrite(cmd *Command) Result {
 	defer lu.atomicMu.Unlock()
 	off, ok, err := lu.compare(lba, uint64(blocks), verifyData, false)
 	if err != nil {
-		return withWanted(mediumError(false), wanted)
+		return withWanted(readError(), wanted)
 	}
 	if !ok {
 		return withWanted(miscompare(uint32(off)), wanted)
 	}
 	if _, err := lu.vol.WriteAt(writeData, int64(lba)*int64(lu.bs)); err != nil {
-		return withWanted(mediumError(true), wanted)
+		return withWanted(writeError(err), wanted)
 	}
 	if err := lu.durable(cdb[1]&0x08 != 0); err != nil {
-		return withWanted(mediumError(true), wanted)
+		return withWanted(writeError(err), wanted)
 	}
 	return withWanted(good(), wanted)
 }
@@ -334,26 +334,27 @@ func (lu *LU) orWrite(cmd *Command) Result {
 		c := min(uint64(len(buf)), n-done)
 		b := buf[:c]
 		if _, err := lu.vol.ReadAt(b, base+int64(done)); err != nil {
-			return withWanted(mediumError(false), wanted)
+			return withWanted(readError(), wanted)
 		}
 		src := data[done : done+c]
 		for i := range b {
 			b[i] |= src[i]
 		}
 		if _, err := lu.vol.WriteAt(b, base+int64(done)); err != nil {
-			return withWanted(mediumError(true), wanted)
+			return withWanted(writeError(err), wanted)
 		}
 		done += c
 	}
 	if err := lu.durable(cdb[1]&0x08 != 0); err != nil {
-		return withWanted(mediumError(true), wanted)
+		return withWanted(writeError(err), wanted)
 	}
 	return withWanted(good(), wanted)
 }
 
-// writeSame: with the UNMAP bit the range is unmapped (SBC-3, which we claim, and what
-// libiscsi's UnmapUntilEnd expects: the Data-Out block is not consulted; reads return zeros
-// since LBPRZ=1); without it the block is written over the whole range.
+// writeSame writes the block over the whole range. With the UNMAP bit and an all-zero block
+// (or NDOB) the range is deallocated instead: unmapped blocks read as zeros (LBPRZ=1), so the
+// result is the same. SBC-4 lets a target deallocate whatever the block holds, but then a
+// non-zero pattern reads back as zeros; QEMU and SPDK write it, and so does this.
 func (lu *LU) writeSame(cmd *Command) Result {
 	cdb := cmd.CDB
 	var lba uint64
@@ -409,15 +410,15 @@ func (lu *LU) writeSame(cmd *Command) Result {
 	off := int64(lba) * int64(lu.bs)
 	length := int64(n) * int64(lu.bs)
 	zero := ndob || allZero(block)
-	if unmapBit {
+	if unmapBit && zero {
 		lu.atomicMu.RLock()
 		err := lu.vol.Unmap(off, length)
 		lu.atomicMu.RUnlock()
 		if err != nil {
-			return withWanted(mediumError(true), wanted)
+			return withWanted(writeError(err), wanted)
 		}
 		if err := lu.durable(false); err != nil {
-			return withWanted(mediumError(true), wanted)
+			return withWanted(writeError(err), wanted)
 		}
 		return withWanted(good(), wanted)
 	}
@@ -437,13 +438,13 @@ func (lu *LU) writeSame(cmd *Command) Result {
 		c := min(int64(len(buf)), length-done)
 		if _, err := lu.vol.WriteAt(buf[:c], off+done); err != nil {
 			lu.atomicMu.RUnlock()
-			return withWanted(mediumError(true), wanted)
+			return withWanted(writeError(err), wanted)
 		}
 		done += c
 	}
 	lu.atomicMu.RUnlock()
 	if err := lu.durable(false); err != nil {
-		return withWanted(mediumError(true), wanted)
+		return withWanted(writeError(err), wanted)
 	}
 	return withWanted(good(), wanted)
 }
@@ -530,12 +531,12 @@ func (lu *LU) unmap(cmd *Command) Result {
 			continue
 		}
 		if err := lu.vol.Unmap(int64(lba)*int64(lu.bs), int64(n)*int64(lu.bs)); err != nil {
-			return withWanted(mediumError(true), uint64(plen))
+			return withWanted(writeError(err), uint64(plen))
 		}
 	}
 	// Write-through: deallocation is a change of the medium like any write.
 	if err := lu.durable(false); err != nil {
-		return withWanted(mediumError(true), uint64(plen))
+		return withWanted(writeError(err), uint64(plen))
 	}
 	return withWanted(good(), uint64(plen))
 }
@@ -561,7 +562,7 @@ func (lu *LU) getLBAStatus(cmd *Command) Result {
 	for uint32((len(d)-8)/16) < maxDescs && cur < lu.nblocks {
 		mapped, length, err := lu.vol.Mapped(int64(cur * bs))
 		if err != nil {
-			return mediumError(false)
+			return readError()
 		}
 		var n uint64
 		if mapped {

@@ -457,6 +457,22 @@ func TestWriteSameWritesAndUnmaps(t *testing.T) {
 	if !allZero(got) {
 		t.Fatal("WRITE SAME with UNMAP did not read back zeros")
 	}
+	// UNMAP with a non-zero block writes the block: only zeros may be deallocated.
+	ws16 := rw16(opWriteSame16, 20, 16, 0x08)
+	f.expectGood(first(f.run(nexusA, ws16, block, 512)), "WRITE SAME 16 UNMAP with a pattern")
+	_, got = f.run(nexusA, read10(19, 18), nil, 18*512)
+	if !allZero(got[:512]) || !allZero(got[17*512:]) {
+		t.Fatal("WRITE SAME UNMAP with a pattern wrote outside its range")
+	}
+	for i := 1; i <= 16; i++ {
+		if !bytes.Equal(got[i*512:(i+1)*512], block) {
+			t.Fatalf("WRITE SAME UNMAP with a non-zero block: block %d does not hold the pattern", 19+i)
+		}
+	}
+	f.expectGood(first(f.run(nexusA, []byte{opWriteSame10, 0x08, 0, 0, 0, 30, 0, 0, 4, 0}, block, 512)), "WRITE SAME 10 UNMAP with a pattern")
+	if _, got = f.run(nexusA, read10(30, 4), nil, 4*512); !bytes.Equal(got[3*512:], block) {
+		t.Fatal("WRITE SAME 10 UNMAP with a non-zero block did not write it")
+	}
 	ndob := rw16(opWriteSame16, 0, 8, 0x09)
 	f.expectGood(first(f.run(nexusA, ndob, nil, 0)), "WRITE SAME 16 NDOB UNMAP")
 	f.expectGood(first(f.run(nexusA, rw16(opWriteSame16, testBlocks-3, 0, 0), block, 512)), "WRITE SAME 0 blocks: to the end")
@@ -1027,5 +1043,30 @@ func TestConcurrentStateChangesAndIO(t *testing.T) {
 	wg.Wait()
 	if bad.Load() != 0 {
 		t.Fatalf("%d commands got an unexpected status", bad.Load())
+	}
+}
+
+// SPC-4: TPGS=00b means REPORT TARGET PORT GROUPS is not supported, so the standard INQUIRY,
+// RTPG and the target port group designator of VPD 0x83 must tell the same story.
+func TestTargetPortGroupSupportIsReportedConsistently(t *testing.T) {
+	f := newFixture(t, LUConfig{})
+	f.t = t
+	f.clearUA(nexusA)
+	_, inq := f.run(nexusA, []byte{opInquiry, 0, 0, 0, 36, 0}, nil, 36)
+	tpgs := inq[5] >> 4 & 3
+	rtpg := make([]byte, 12)
+	rtpg[0], rtpg[1] = opMaintenanceIn, saReportTPG
+	binary.BigEndian.PutUint32(rtpg[6:], 64)
+	r, groups := f.run(nexusA, rtpg, nil, 64)
+	_, vpd := f.run(nexusA, []byte{opInquiry, 1, vpdDeviceID, 0, 255, 0}, nil, 255)
+	hasGroup := false
+	for d := vpd[4:]; len(d) >= 4 && len(d) >= 4+int(d[3]); d = d[4+int(d[3]):] {
+		if d[1]&0x0F == 0x05 {
+			hasGroup = true
+		}
+	}
+	if tpgs != 1 || r.Status != StatusGood || len(groups) < 12 || !hasGroup {
+		t.Fatalf("TPGS=%d, RTPG status %d (%d bytes), VPD 0x83 target port group %v: want implicit ALUA with both",
+			tpgs, r.Status, len(groups), hasGroup)
 	}
 }

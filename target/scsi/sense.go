@@ -1,5 +1,10 @@
 package scsi
 
+import (
+	"errors"
+	"syscall"
+)
+
 // asc is an additional sense code and qualifier packed as 0xAAQQ.
 type asc uint16
 
@@ -24,6 +29,7 @@ const (
 	ascSavingNotSupported     asc = 0x3900
 	ascUnrecoveredReadError   asc = 0x1100
 	ascWriteError             asc = 0x0C00
+	ascSpaceAllocFailed       asc = 0x2707
 )
 
 // senseLen is the fixed-format sense length we return (SPC-5 4.4.3).
@@ -104,11 +110,23 @@ func miscompare(offset uint32) Result {
 	return Result{Status: StatusCheckCondition, Sense: buildSense(SenseMiscompare, ascMiscompareVerify, offset, true, noField)}
 }
 
-func mediumError(write bool) Result {
-	if write {
-		return checkCond(SenseMediumError, ascWriteError)
+func readError() Result { return checkCond(SenseMediumError, ascUnrecoveredReadError) }
+
+// writeError answers a failed write. A pool out of space (thin volumes over a full file
+// system, or a quota) is SPACE ALLOCATION FAILED WRITE PROTECT (SBC-4): initiators report that
+// as a full thin pool (Linux: "critical space allocation") and stop writing, instead of
+// taking the disk for broken; anything else is WRITE ERROR.
+func writeError(err error) Result {
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		return checkCond(SenseDataProtect, ascSpaceAllocFailed)
 	}
-	return checkCond(SenseMediumError, ascUnrecoveredReadError)
+	return checkCond(SenseMediumError, ascWriteError)
+}
+
+// IsSpaceAllocationFailure reports whether sense says SPACE ALLOCATION FAILED WRITE PROTECT,
+// so the transport can log a full pool with the tenant it hit.
+func IsSpaceAllocationFailure(sense []byte) bool {
+	return len(sense) >= 14 && sense[2]&0x0f == SenseDataProtect && sense[12] == 0x27 && sense[13] == 0x07
 }
 
 func good() Result { return Result{Status: StatusGood} }

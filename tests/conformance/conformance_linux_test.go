@@ -2,6 +2,7 @@ package conformance
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os/exec"
 	"regexp"
@@ -14,9 +15,14 @@ import (
 
 // knownFailures are iscsi-test-cu tests (SUITE.TEST) expected to fail, each with the reason.
 // Keep in sync with target/README.md.
-var knownFailures = map[string]string{}
+var knownFailures = map[string]string{
+	// A deliberate deviation (issue 10): the test sends a block of 0xFF with the UNMAP bit and
+	// expects zeros back. nstarget deallocates only an all-zero block and writes any other,
+	// as QEMU and SPDK do, so the initiator reads back what it wrote.
+	"SCSI.WriteSame10.UnmapUntilEnd": "WRITE SAME with UNMAP and a non-zero block writes the block (reads back 0xFF, the test wants zeros)",
+}
 
-// minPassed is a floor under the passing test count (191 at the time of writing with
+// minPassed is a floor under the passing test count (190 at the time of writing with
 // libiscsi-bin 1.19): far fewer means tests did not run rather than passed.
 const minPassed = 180
 
@@ -140,9 +146,11 @@ func TestLibiscsiSuitesPassAgainstTargetInNamespace(t *testing.T) {
 				out, err := inNS(sctx, ns, "iscsi-test-cu", "-d", "--test="+suite,
 					"-i", "iqn.2026-01.io.nstarget:initiator-a", "-I", "iqn.2026-01.io.nstarget:initiator-b",
 					fmt.Sprintf("iscsi://%s/%s/0", addr, iqn))
+				// Asked before scancel, which would make every run look timed out.
+				timedOut := errors.Is(sctx.Err(), context.DeadlineExceeded)
 				scancel()
 				d := time.Since(start)
-				if sctx.Err() != nil {
+				if timedOut {
 					out += fmt.Sprintf("\n(killed: no verdict within %v)\n", suiteTimeout)
 				}
 				rs := parseCU(family, out)

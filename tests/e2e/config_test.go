@@ -124,7 +124,7 @@ func TestUsageErrorsNameTheArgumentAndExitTwo(t *testing.T) {
 	}{
 		{nil, "missing command"},
 		{[]string{"frobnicate"}, `unknown command "frobnicate"`},
-		{[]string{"serve"}, "missing -c FILE"},
+		{[]string{"serve", "-c", ""}, "missing -c FILE"},
 		{[]string{"check", "-c", "x.toml", "-bogus"}, "-bogus"},
 		{[]string{"check", "-c", "x.toml", "extra"}, `unexpected argument "extra"`},
 		{[]string{"serve", "-c", "x.toml", "-log-level", "loud"}, `"loud"`},

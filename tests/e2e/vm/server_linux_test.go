@@ -17,15 +17,24 @@ import (
 
 // tenantSpec is one tenant of the configuration the tests serve.
 type tenantSpec struct {
-	name    string
-	ns      string
-	targets []targetSpec
+	name          string
+	ns            string
+	targets       []targetSpec
+	discoveryCHAP *chapSpec // [tenant.discovery_chap]; nil: discovery is open
 }
 
 type targetSpec struct {
 	iqn        string
 	initiators []string // allow-list; empty = any
+	chap       *chapSpec
 	luns       []lunSpec
+}
+
+// chapSpec is a chap table. The secret goes into a root-owned 0600 file (secret_file, the way
+// an operator keeps it); the mutual secret stays inline, so both forms are served.
+type chapSpec struct {
+	user, secret             string
+	mutualUser, mutualSecret string // empty: one-way
 }
 
 type lunSpec struct {
@@ -83,6 +92,9 @@ func newNstarget(t *testing.T, s *suite, tenants []tenantSpec) *nstargetServer {
 	fmt.Fprintf(&b, "[server]\nnetns_dir = %q\ndata_dir  = %q\n", "/run/netns", n.dataDir)
 	for _, tn := range tenants {
 		fmt.Fprintf(&b, "\n[[tenant]]\nname   = %q\nnetns  = %q\nportal = %q\n", tn.name, tn.ns, "0.0.0.0:3260")
+		if c := tn.discoveryCHAP; c != nil {
+			writeChapTable(t, &b, dir, "tenant.discovery_chap", tn.name+"-discovery", c)
+		}
 		for _, tg := range tn.targets {
 			fmt.Fprintf(&b, "\n  [[tenant.target]]\n  iqn = %q\n", tg.iqn)
 			if len(tg.initiators) > 0 {
@@ -91,6 +103,10 @@ func newNstarget(t *testing.T, s *suite, tenants []tenantSpec) *nstargetServer {
 					q[i] = strconv.Quote(in)
 				}
 				fmt.Fprintf(&b, "  initiators = [%s]\n", strings.Join(q, ", "))
+			}
+			if c := tg.chap; c != nil {
+				// A table after the target's own keys, or they would land in it.
+				writeChapTable(t, &b, dir, "tenant.target.chap", tn.name+"-"+tg.iqn, c)
 			}
 			for _, l := range tg.luns {
 				fmt.Fprintf(&b, "\n    [[tenant.target.lun]]\n    id     = %d\n    volume = %q\n    size   = \"%dMiB\"\n",
@@ -113,6 +129,19 @@ func newNstarget(t *testing.T, s *suite, tenants []tenantSpec) *nstargetServer {
 		}
 	})
 	return n
+}
+
+// writeChapTable writes a chap table, its secret in a file of its own next to the config.
+func writeChapTable(t *testing.T, b *strings.Builder, dir, table, fileName string, c *chapSpec) {
+	t.Helper()
+	f := filepath.Join(dir, strings.NewReplacer(":", "_", "/", "_").Replace(fileName)+".secret")
+	if err := os.WriteFile(f, []byte(c.secret+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(b, "\n  [%s]\n  user = %q\n  secret_file = %q\n", table, c.user, f)
+	if c.mutualUser != "" {
+		fmt.Fprintf(b, "  mutual_user = %q\n  mutual_secret = %q\n", c.mutualUser, c.mutualSecret)
+	}
 }
 
 func (n *nstargetServer) name() string { return "nstarget" }
