@@ -68,6 +68,11 @@ type conn struct {
 	iov   [][]byte
 	spare []*outPDU
 
+	// Counters of this connection, folded into its tenant's and target's when it ends (so
+	// connections of one tenant do not share cache lines per command); under mu.
+	lat    latencyCounts
+	folded bool
+
 	execs      sync.WaitGroup
 	lastExecNs atomic.Int64 // duration of the latest Execute: picks inline vs goroutine
 	run        []*task      // reader-owned scratch for run actions
@@ -172,6 +177,7 @@ func (c *conn) finish() {
 	c.carryOut(logs)
 	c.execs.Wait()
 	c.mu.Lock()
+	c.foldCountersLocked()
 	clean := c.core.heldNothing()
 	held := c.core.held
 	c.mu.Unlock()
@@ -514,8 +520,11 @@ func (c *conn) runAll() {
 
 func (c *conn) execute(t *task) {
 	defer c.execs.Done()
-	res := c.runTask(t)
+	res, took := c.runTask(t)
 	c.mu.Lock()
+	if t.kind == kindSCSI {
+		c.lat.observe(took)
+	}
 	c.core.completed(t, res)
 	logs := c.collectLocked()
 	c.mu.Unlock()
@@ -526,7 +535,7 @@ func (c *conn) execute(t *task) {
 }
 
 // runTask does t's device work; a panic in it closes only this connection.
-func (c *conn) runTask(t *task) (res scsi.Result) {
+func (c *conn) runTask(t *task) (res scsi.Result, took time.Duration) {
 	defer func() {
 		if r := recover(); r != nil {
 			c.log.Error("panic executing SCSI command; closing connection", "panic", r,
@@ -546,11 +555,10 @@ func (c *conn) runTask(t *task) (res scsi.Result) {
 	default:
 		start := time.Now()
 		res = dev.Execute(&t.cmd)
-		took := time.Since(start)
+		took = time.Since(start)
 		c.lastExecNs.Store(int64(took))
-		c.tenant.stats.latency.observe(took)
 	}
-	return res
+	return res, took
 }
 
 // --- clock ---

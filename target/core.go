@@ -27,6 +27,7 @@ type core struct {
 	tasks   map[uint32]*task // by ITT: commands not yet answered
 	imm     int              // immediate SCSI commands not yet freed
 	held    [numResources]int64
+	credit  [numResources]int64 // taken from the ledger, not yet used (see take)
 
 	rx   rxState // the PDU whose header arrived and whose data has not
 	text textState
@@ -41,7 +42,8 @@ type core struct {
 	logout  bool      // a logout is pending: input is ignored
 	waiters []*waiter // responses held until the tasks they wait for have ended
 
-	counts counters // what the session did, for status
+	counts counters              // what the session did, for status
+	luns   map[uint64]*lunCounts // per LUN, for metrics (folded by the edge at the end)
 
 	idle      int  // ticks without a complete PDU
 	gotPDU    bool // a PDU completed since the last tick
@@ -446,6 +448,7 @@ func (c *core) close() {
 	}
 	c.waiters = nil
 	c.resetText()
+	c.returnCredit()
 }
 
 // protocolError rejects the PDU and ends the connection once the reject is written.
@@ -459,13 +462,32 @@ func (c *core) protocolError(h *bhs, reason byte, why string) {
 // --- accounting ---
 
 // take charges n of r to the connection, its tenant and the server.
+//
+// The connection keeps a little credit taken from the ledger (creditChunk of each resource):
+// most commands are then charged and given back without touching the tenant's and the
+// server's counters, which every connection of the tenant (and of the server) shares, so two
+// busy connections on two cores do not bounce those cache lines at every command. The credit
+// counts as held by the tenant, at most 2×creditChunk per connection, and is given back at
+// close.
 func (c *core) take(r resource, n int64) refusal {
 	if r == resBytes && c.held[r]+n > c.cfg.connBytes {
 		return overConn
 	}
-	if rf := c.cfg.led.take(&c.cfg.tenant.acct, r, n); rf != granted {
-		return rf
+	if c.credit[r] < n {
+		need := n - c.credit[r]
+		grab := max(need, creditChunk[r])
+		rf := c.cfg.led.take(&c.cfg.tenant.acct, r, grab)
+		if rf != granted && grab > need {
+			// Near a limit, the chunk may not fit where the command does.
+			grab = need
+			rf = c.cfg.led.take(&c.cfg.tenant.acct, r, grab)
+		}
+		if rf != granted {
+			return rf
+		}
+		c.credit[r] += grab
 	}
+	c.credit[r] -= n
 	c.held[r] += n
 	return granted
 }
@@ -475,7 +497,27 @@ func (c *core) give(r resource, n int64) {
 		return
 	}
 	c.held[r] -= n
-	c.cfg.led.give(&c.cfg.tenant.acct, r, n)
+	c.credit[r] += n
+	if c.closed {
+		c.returnCredit()
+	} else if c.credit[r] > 2*creditChunk[r] {
+		excess := c.credit[r] - creditChunk[r]
+		c.credit[r] -= excess
+		c.cfg.led.give(&c.cfg.tenant.acct, r, excess)
+	}
+}
+
+// creditChunk is how much of each resource a connection keeps in hand (see take).
+var creditChunk = [numResources]int64{resCommands: 8, resBytes: 1 << 20}
+
+// returnCredit gives every unused credit back to the ledger.
+func (c *core) returnCredit() {
+	for r, n := range c.credit {
+		if n > 0 {
+			c.cfg.led.give(&c.cfg.tenant.acct, resource(r), n)
+			c.credit[r] = 0
+		}
+	}
 }
 
 func (c *core) giveCtl(b *[]byte, n int64) {
@@ -558,7 +600,7 @@ func (c *core) nextTTT() uint32 {
 
 // heldNothing reports whether the connection holds no resource at all (the close invariant).
 func (c *core) heldNothing() bool {
-	return c.held == [numResources]int64{} && len(c.tasks) == 0 && c.inflight == 0 &&
+	return c.held == [numResources]int64{} && c.credit == [numResources]int64{} && len(c.tasks) == 0 && c.inflight == 0 &&
 		len(c.act.send) == 0 && c.ctlBytes == 0 && c.imm == 0 && len(c.waiters) == 0
 }
 

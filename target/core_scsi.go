@@ -379,12 +379,10 @@ func (c *core) respond(t *task, res scsi.Result) {
 		written = uint64(t.received)
 		c.counts.writtenBytes += written
 	}
-	if tg := c.cfg.sess.tg; tg != nil {
-		if lc := tg.lunStats[t.cmd.LUN]; lc != nil {
-			lc.commands.Add(1)
-			lc.readBytes.Add(uint64(sent))
-			lc.writtenBytes.Add(written)
-		}
+	if lc := c.lunCounts(t.cmd.LUN); lc != nil {
+		lc.commands++
+		lc.readBytes += uint64(sent)
+		lc.writtenBytes += written
 	}
 	dataSN := uint32(0)
 	if sent > 0 {
@@ -764,4 +762,22 @@ func (c *core) sendTargets(which string) []textKV {
 		}
 	}
 	return out
+}
+
+// lunCounts returns the session's counters of lun, made on first use, or nil for a LUN the
+// target does not have (REPORT LUNS to LUN 0 of a target without one, say).
+func (c *core) lunCounts(lun uint64) *lunCounts {
+	if lc := c.luns[lun]; lc != nil {
+		return lc
+	}
+	tg := c.cfg.sess.tg
+	if tg == nil || tg.lunStats[lun] == nil {
+		return nil
+	}
+	if c.luns == nil {
+		c.luns = make(map[uint64]*lunCounts)
+	}
+	lc := new(lunCounts)
+	c.luns[lun] = lc
+	return lc
 }

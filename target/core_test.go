@@ -221,8 +221,12 @@ func TestCoreAbortTaskWaitingForDataFreesIt(t *testing.T) {
 	if f := r.expectOp(opTMFResp); f.BHS[offResponse] != tmrComplete {
 		t.Fatalf("abort response %d", f.BHS[offResponse])
 	}
-	if n := r.tenant.acct.used[resBytes].Load(); n != 0 {
+	if n := r.c.held[resBytes]; n != 0 {
 		t.Fatalf("aborted WRITE still holds %d bytes", n)
+	}
+	// What the tenant is charged now is at most the connection's credit.
+	if n := r.tenant.acct.used[resBytes].Load(); n > 2*creditChunk[resBytes] {
+		t.Fatalf("tenant charged %d bytes after the abort", n)
 	}
 	// Its late Data-Out is dropped silently; an unknown task is "does not exist".
 	r.pdu(dataOutHeader(itt, 1, 0, 0, true), nil, make([]byte, 512))

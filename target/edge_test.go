@@ -488,7 +488,7 @@ func TestAbandonedWritesGiveTheirBuffersBackWhenTheConnectionIsReset(t *testing.
 			t.Fatalf("expected R2T, got 0x%02x", f.BHS.opcode())
 		}
 	}
-	if u := ts.srv.Stats().Tenants["t1"]; u.BufferBytes < 16<<20 || u.Commands != 4 {
+	if u := ts.srv.Stats().Tenants["t1"]; u.BufferBytes < 16<<20 || u.Commands < 4 {
 		t.Fatalf("pending WRITEs hold %+v", u)
 	}
 	ini.reset()
