@@ -189,6 +189,9 @@ func (c *conn) finish() {
 }
 
 func (c *conn) releaseSession() {
+	// Last of all, and before done is closed: whoever waits for this connection to end
+	// (CloseTenant, reinstatement) then finds everything it held given back.
+	defer c.srv.ledger.give(&c.tenant.acct, resConns, 1)
 	if ss := c.sess; ss != nil && !ss.discovery {
 		c.srv.release(ss)
 		ss.tg.dev.NexusLoss(&ss.nexus)

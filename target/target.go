@@ -267,13 +267,15 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn, t *Tenant, attrs ...
 			"tenant_limit", t.acct.limit[resConns])
 		return fmt.Errorf("target: tenant %s: connection %w: %s", t.Name, ErrRefused, r)
 	}
-	defer s.ledger.give(&t.acct, resConns, 1)
-	cn := newConn(s, c, t, attrs)
+	cn := newConn(s, c, t, attrs) // gives the connection unit back when it ends
 	s.mu.Lock()
-	if s.closing {
+	// Checked again under mu: CloseTenant marks the tenant closed, then lists its
+	// connections under mu, so a connection is either listed or refused here.
+	if s.closing || t.closed.Load() {
 		s.mu.Unlock()
 		c.Close()
-		return errors.New("target: server shutting down")
+		s.ledger.give(&t.acct, resConns, 1)
+		return errors.New("target: server shutting down or tenant closed")
 	}
 	s.conns[cn] = struct{}{}
 	s.mu.Unlock()
