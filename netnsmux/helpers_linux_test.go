@@ -292,27 +292,12 @@ func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
 type recorder struct {
 	mu  sync.Mutex
 	evs []Event
-	at  []time.Time
 }
 
 func (r *recorder) add(e Event) {
 	r.mu.Lock()
 	r.evs = append(r.evs, e)
-	r.at = append(r.at, time.Now())
 	r.mu.Unlock()
-}
-
-// times returns when each event of kind for name arrived.
-func (r *recorder) times(kind EventKind, name string) []time.Time {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	var out []time.Time
-	for i, e := range r.evs {
-		if e.Kind == kind && e.Namespace == name {
-			out = append(out, r.at[i])
-		}
-	}
-	return out
 }
 
 func (r *recorder) all() []Event {

@@ -330,5 +330,3 @@ func (r *coreRig) checkEmpty() {
 		r.t.Fatalf("server still holds %+v", u)
 	}
 }
-
-func status16(h *bhs) uint16 { return binary.BigEndian.Uint16(h[offLoginStatus:]) }

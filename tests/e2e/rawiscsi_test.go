@@ -10,7 +10,6 @@ package e2e
 import (
 	"bufio"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -494,11 +493,6 @@ func (e *scsiError) Error() string {
 		return "SCSI status TASK SET FULL (0x28)"
 	}
 	return fmt.Sprintf("SCSI status 0x%02x sense % x", e.status, e.sense)
-}
-
-func isTaskSetFull(err error) bool {
-	var se *scsiError
-	return errors.As(err, &se) && se.status == scsiTaskSetFull
 }
 
 // do runs one command to completion: immediate data as far as the target allows, Data-Out for
