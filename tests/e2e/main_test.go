@@ -7,12 +7,14 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -65,6 +67,7 @@ func testMain(m *testing.M) int {
 		return 1
 	}
 	prefix = fmt.Sprintf("e2e-%d", os.Getpid())
+	sweepStaleNetns()
 	return m.Run()
 }
 
@@ -377,5 +380,29 @@ func waitFor(t *testing.T, what string, fn func() error) {
 			t.Fatalf("timed out waiting for %s: %v", what, err)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// sweepStaleNetns deletes e2e-<pid>-* namespaces of test binaries that no longer run: a run
+// killed on its deadline runs no cleanup, and its namespaces would stay forever.
+func sweepStaleNetns() {
+	entries, err := os.ReadDir("/run/netns")
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		rest, ok := strings.CutPrefix(e.Name(), "e2e-")
+		if !ok {
+			continue
+		}
+		pid, _, ok := strings.Cut(rest, "-")
+		if n, err := strconv.Atoi(strings.TrimRight(pid, "abcdefghijklmnopqrstuvwxyz")); !ok || err != nil || n <= 0 {
+			continue
+		}
+		if _, err := os.Stat("/proc/" + strings.TrimRight(pid, "abcdefghijklmnopqrstuvwxyz")); errors.Is(err, os.ErrNotExist) {
+			if err := ipRun("netns", "del", e.Name()); err != nil {
+				fmt.Fprintln(os.Stderr, "e2e: removing a stale namespace:", err)
+			}
+		}
 	}
 }
