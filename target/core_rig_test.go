@@ -206,23 +206,10 @@ func (r *coreRig) expectOp(op byte) *frame {
 func (r *coreRig) command(cdb []byte, edtl uint32, read, write, final, immediate bool) *bhs {
 	r.itt++
 	h := new(bhs)
-	h[0] = opSCSICmd
+	*h = scsiCmdHeader(r.itt, edtl, r.cmdSN, rwFlags(read, write, final), cdb)
 	if immediate {
 		h[0] |= flagImmediate
 	}
-	if final {
-		h[1] = flagFinal
-	}
-	if read {
-		h[1] |= flagRead
-	}
-	if write {
-		h[1] |= flagWrite
-	}
-	h.setU32(offITT, r.itt)
-	h.setU32(offEDTL, edtl)
-	h.setU32(offCmdSN, r.cmdSN)
-	copy(h[32:], cdb)
 	if !immediate {
 		r.cmdSN++
 	}

@@ -600,7 +600,7 @@ func TestCoreDiscoverySessionTakesNoSCSICommands(t *testing.T) {
 	r.expectOp(opReject)
 	r.text(5, reservedTag, false, []byte("SendTargets=All\x00"))
 	f := r.expectOp(opTextResp)
-	kv := answersOf(t, f.Data)
+	kv := answers(t, f.Data)
 	if kv["TargetName"] != r.tg.IQN() || kv["TargetAddress"] != "10.0.0.1:3260,1" {
 		t.Fatalf("SendTargets answered %q", f.Data)
 	}
@@ -677,17 +677,4 @@ func TestCoreStatSNFollowsWireOrder(t *testing.T) {
 		want++
 	}
 	r.closeAndCheck()
-}
-
-func answersOf(t *testing.T, data []byte) map[string]string {
-	t.Helper()
-	kvs, _, err := parseTextKeys(data, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := map[string]string{}
-	for _, kv := range kvs {
-		m[kv.Key] = kv.Value
-	}
-	return m
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -74,22 +75,8 @@ func (ini *testInitiator) login(name string, isid byte, keys ...string) *frame {
 
 func (ini *testInitiator) scsi(cdb []byte, edtl uint32, read, write bool, immediate []byte, final bool) uint32 {
 	ini.itt++
-	var h bhs
-	h[0] = opSCSICmd
-	if final {
-		h[1] = flagFinal
-	}
-	if read {
-		h[1] |= flagRead
-	}
-	if write {
-		h[1] |= flagWrite
-	}
-	h.setU32(offITT, ini.itt)
-	h.setU32(offTTT, edtl)
-	h.setU32(offCmdSN, ini.cmdSN)
+	h := scsiCmdHeader(ini.itt, edtl, ini.cmdSN, rwFlags(read, write, final), cdb)
 	h.setU32(offExpStatSN, ini.statSN)
-	copy(h[32:], cdb)
 	ini.cmdSN++
 	ini.send(&h, immediate)
 	return ini.itt
@@ -672,7 +659,7 @@ func TestMetricsCountPerLUNAndLoginsAndLatency(t *testing.T) {
 	// The RAM target has no LUN map, so give the tenant a target that has one.
 	lunDev := newRAMDevice(1 << 20)
 	tg := newTarget(TargetConfig{IQN: "iqn.2026-01.test.nstarget:metrics", LUNs: map[uint64]*scsi.LU{0: nil}}, lunDev)
-	ts.srv.SetTargets(ts.tenant, append(ts.tenant.CurrentTargets(), tg))
+	ts.srv.SetTargets(ts.tenant, append(slices.Clone(ts.tenant.targets()), tg))
 	ini := dialTest(t, ts)
 	req := loginReq(1, 3, true, false, "InitiatorName=iqn.i:m", "TargetName=iqn.2026-01.test.nstarget:metrics", "ImmediateData=Yes")
 	req.BHS.setU32(offCmdSN, ini.cmdSN)

@@ -12,11 +12,11 @@ import (
 // FuzzSessionInput feeds arbitrary bytes to a logged-in full-feature connection: whatever
 // arrives, the connection must neither panic nor hang once the initiator goes away.
 func FuzzSessionInput(f *testing.F) {
-	h := scsiCmdHeader(1, 512, 1, []byte{0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0})
+	h := scsiCmdHeader(1, 512, 1, flagFinal|flagRead, []byte{0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0})
 	h[1] = flagFinal | flagRead
 	binary := appendPDU(nil, &h, nil, nil, false, false)
 	f.Add(binary)
-	w := scsiCmdHeader(2, 1024, 2, []byte{0x2a, 0, 0, 0, 0, 0, 0, 0, 2, 0})
+	w := scsiCmdHeader(2, 1024, 2, flagFinal|flagRead, []byte{0x2a, 0, 0, 0, 0, 0, 0, 0, 2, 0})
 	w[1] = flagWrite
 	f.Add(appendPDU(nil, &w, nil, make([]byte, 512), false, false))
 	var tmf bhs

@@ -16,9 +16,6 @@ func (t *Tenant) targets() []*Target {
 	return t.Targets
 }
 
-// CurrentTargets returns the tenant's targets as they are now.
-func (t *Tenant) CurrentTargets() []*Target { return slices.Clone(t.targets()) }
-
 // SetTargets replaces the tenant's targets while it serves. Targets that are no longer listed
 // are closed: their sessions end and logins to them are refused; targets still listed keep
 // their sessions.

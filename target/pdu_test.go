@@ -27,16 +27,32 @@ func TestCRC32CMatchesRFC3720Vectors(t *testing.T) {
 	}
 }
 
-func scsiCmdHeader(itt, edtl, cmdSN uint32, cdb []byte) bhs {
+// scsiCmdHeader is the BHS of a SCSI Command to LUN 0: fl is byte 1 (F, R, W), cdb at most 16
+// bytes. Every test initiator builds its commands with it.
+func scsiCmdHeader(itt, edtl, cmdSN uint32, fl byte, cdb []byte) bhs {
 	var h bhs
 	h[0] = opSCSICmd
-	h[1] = flagFinal | flagRead
-	binary.BigEndian.PutUint64(h[8:16], scsi.EncodeLUN(3))
+	h[1] = fl
 	h.setU32(offITT, itt)
-	h.setU32(offTTT, edtl)
+	h.setU32(offEDTL, edtl)
 	h.setU32(offCmdSN, cmdSN)
 	copy(h[32:48], cdb)
 	return h
+}
+
+// rwFlags is byte 1 of a SCSI Command.
+func rwFlags(read, write, final bool) byte {
+	var fl byte
+	if final {
+		fl |= flagFinal
+	}
+	if read {
+		fl |= flagRead
+	}
+	if write {
+		fl |= flagWrite
+	}
+	return fl
 }
 
 func TestPDURoundTripWithAHSDataPaddingAndDigests(t *testing.T) {
@@ -44,7 +60,8 @@ func TestPDURoundTripWithAHSDataPaddingAndDigests(t *testing.T) {
 	for i := range cdb {
 		cdb[i] = byte(i + 1)
 	}
-	h := scsiCmdHeader(7, 4096, 11, cdb[:16])
+	h := scsiCmdHeader(7, 4096, 11, flagFinal|flagRead, cdb[:16])
+	binary.BigEndian.PutUint64(h[offLUN:], scsi.EncodeLUN(3))
 	// Extended CDB AHS: length = 16 remaining bytes + 1 reserved, type 1, pad to 4.
 	ahs := []byte{0, 17, 1, 0}
 	ahs = append(ahs, cdb[16:]...)
@@ -80,7 +97,7 @@ func TestPDURoundTripWithAHSDataPaddingAndDigests(t *testing.T) {
 }
 
 func TestDigestMismatchIsDetected(t *testing.T) {
-	h := scsiCmdHeader(1, 512, 1, []byte{0x28})
+	h := scsiCmdHeader(1, 512, 1, flagFinal|flagRead, []byte{0x28})
 	data := bytes.Repeat([]byte{0x5a}, 64)
 	wire := appendPDU(nil, &h, nil, data, true, true)
 	bad := append([]byte(nil), wire...)
@@ -99,7 +116,7 @@ func TestDigestMismatchIsDetected(t *testing.T) {
 }
 
 func TestBadAHSLengthIsRejected(t *testing.T) {
-	h := scsiCmdHeader(1, 0, 1, []byte{0})
+	h := scsiCmdHeader(1, 0, 1, flagFinal|flagRead, []byte{0})
 	ahs := []byte{0x10, 0, 1, 0} // claims 4096 bytes
 	wire := appendPDU(nil, &h, ahs, nil, false, false)
 	if _, _, err := parsePDU(wire, false, false); err == nil {
@@ -123,7 +140,7 @@ func TestBufPoolClassesFitRequests(t *testing.T) {
 }
 
 func FuzzParsePDU(f *testing.F) {
-	h := scsiCmdHeader(9, 8192, 3, []byte{0x2a, 0, 0, 0, 0, 1, 0, 0, 16, 0})
+	h := scsiCmdHeader(9, 8192, 3, flagFinal|flagRead, []byte{0x2a, 0, 0, 0, 0, 1, 0, 0, 16, 0})
 	f.Add(appendPDU(nil, &h, nil, []byte("immediate data"), false, false), false, false)
 	f.Add(appendPDU(nil, &h, []byte{0, 5, 1, 0, 1, 2, 3, 4}, nil, true, true), true, true)
 	var login bhs

@@ -7,7 +7,6 @@ package e2e
 // nstarget serve with -pprof for /debug/usage, and the checks every case ends with.
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
 	"fmt"
@@ -298,10 +297,8 @@ func (e *hostileEnv) rssNow() (int64, error) {
 // starter because it runs hostileBin with extra flags and, for the connection flood, a lower
 // RLIMIT_NOFILE.
 type procServer struct {
+	serveLog
 	cmd  *exec.Cmd
-	mu   sync.Mutex
-	raw  bytes.Buffer
-	logs []logLine
 	done chan struct{}
 }
 
@@ -329,28 +326,13 @@ func startProcServer(t *testing.T, nofile int, args ...string) *procServer {
 	if err := s.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	go s.collect(stderr)
+	go func() {
+		defer close(s.done)
+		s.collect(stderr)
+		s.cmd.Wait()
+	}()
 	t.Cleanup(func() { s.stop(t) })
 	return s
-}
-
-func (s *procServer) collect(r io.Reader) {
-	defer close(s.done)
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		line := sc.Bytes()
-		var l logLine
-		ok := json.Unmarshal(line, &l) == nil
-		s.mu.Lock()
-		s.raw.Write(line)
-		s.raw.WriteByte('\n')
-		if ok {
-			s.logs = append(s.logs, l)
-		}
-		s.mu.Unlock()
-	}
-	s.cmd.Wait()
 }
 
 // stop sends SIGTERM, waits (killing after patience) and reports a non-zero exit or a panic.
@@ -388,24 +370,6 @@ func (s *procServer) checkNoPanic(t *testing.T) {
 	if n := s.count(func(l logLine) bool { return strings.Contains(l.str("msg"), "panic") }); n > 0 {
 		t.Errorf("nstarget serve logged %d panics", n)
 	}
-}
-
-func (s *procServer) output() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.raw.String()
-}
-
-func (s *procServer) count(match func(logLine) bool) int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	n := 0
-	for _, l := range s.logs {
-		if match(l) {
-			n++
-		}
-	}
-	return n
 }
 
 // waitLog waits for the first log line that matches.

@@ -186,12 +186,55 @@ func (l logLine) str(k string) string {
 	return ""
 }
 
-type server struct {
-	t    *testing.T
-	cmd  *exec.Cmd
+// serveLog is what a `nstarget serve` process wrote to stderr: every line, and the JSON ones
+// parsed, for assertions while it runs.
+type serveLog struct {
 	mu   sync.Mutex
 	logs []logLine
 	raw  bytes.Buffer
+}
+
+// collect reads r to its end.
+func (s *serveLog) collect(r io.Reader) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Bytes()
+		var l logLine
+		ok := json.Unmarshal(line, &l) == nil
+		s.mu.Lock()
+		s.raw.Write(line)
+		s.raw.WriteByte('\n')
+		if ok {
+			s.logs = append(s.logs, l)
+		}
+		s.mu.Unlock()
+	}
+}
+
+func (s *serveLog) output() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.raw.String()
+}
+
+// count returns how many log lines match.
+func (s *serveLog) count(match func(logLine) bool) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, l := range s.logs {
+		if match(l) {
+			n++
+		}
+	}
+	return n
+}
+
+type server struct {
+	serveLog
+	t    *testing.T
+	cmd  *exec.Cmd
 	done chan struct{}
 	code int
 }
@@ -211,22 +254,9 @@ func startServe(t *testing.T, cfg string) *server {
 	}
 	go func() {
 		defer close(s.done)
-		sc := bufio.NewScanner(stderr)
-		sc.Buffer(make([]byte, 1<<20), 1<<20)
-		for sc.Scan() {
-			line := sc.Bytes()
-			s.mu.Lock()
-			s.raw.Write(line)
-			s.raw.WriteByte('\n')
-			var l logLine
-			if json.Unmarshal(line, &l) == nil {
-				s.logs = append(s.logs, l)
-			}
-			s.mu.Unlock()
-		}
-		err := s.cmd.Wait()
+		s.collect(stderr)
+		s.cmd.Wait()
 		s.code = s.cmd.ProcessState.ExitCode()
-		_ = err
 	}()
 	t.Cleanup(func() {
 		select {
@@ -248,25 +278,6 @@ func startServe(t *testing.T, cfg string) *server {
 		}
 	})
 	return s
-}
-
-func (s *server) output() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.raw.String()
-}
-
-// count returns how many log lines match.
-func (s *server) count(match func(logLine) bool) int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	n := 0
-	for _, l := range s.logs {
-		if match(l) {
-			n++
-		}
-	}
-	return n
 }
 
 // patience bounds every wait for the server or the kernel. Generous on purpose: make test runs
