@@ -160,7 +160,7 @@ func (c *conn) serve(ctx context.Context) (err error) {
 func (c *conn) finish() {
 	c.kill()
 	if c.core == nil {
-		c.releaseSession()
+		c.releaseHoldings()
 		return
 	}
 	if c.writerStarted {
@@ -185,10 +185,12 @@ func (c *conn) finish() {
 		// A bug, not a tenant's doing: say exactly what leaked.
 		c.log.Error("connection ended holding resources", "commands", held[resCommands], "bytes", held[resBytes])
 	}
-	c.releaseSession()
+	c.releaseHoldings()
 }
 
-func (c *conn) releaseSession() {
+// releaseHoldings gives back what the connection held outside its core: its session (with
+// the nexus's SPC-2 reservations) and its connection unit.
+func (c *conn) releaseHoldings() {
 	// Last of all, and before done is closed: whoever waits for this connection to end
 	// (CloseTenant, reinstatement) then finds everything it held given back.
 	defer c.srv.ledger.give(&c.tenant.acct, resConns, 1)

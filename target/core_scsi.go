@@ -501,20 +501,19 @@ func (c *core) waitFor(t *task, w *waiter) {
 }
 
 const (
-	tmfAbortTask        = 1
-	tmfAbortTaskSet     = 2
-	tmfClearACA         = 3
-	tmfClearTaskSet     = 4
-	tmfLUNReset         = 5
-	tmfTargetWarmReset  = 6
-	tmfTargetColdReset  = 7
-	tmfTaskReassign     = 8
-	tmrComplete         = 0
-	tmrNoTask           = 1
-	tmrNoLUN            = 2
-	tmrReassignNotSupp  = 4
-	tmrFunctionNotSupp  = 5
-	tmrFunctionRejected = 255
+	tmfAbortTask       = 1
+	tmfAbortTaskSet    = 2
+	tmfClearACA        = 3
+	tmfClearTaskSet    = 4
+	tmfLUNReset        = 5
+	tmfTargetWarmReset = 6
+	tmfTargetColdReset = 7
+	tmfTaskReassign    = 8
+	tmrComplete        = 0
+	tmrNoTask          = 1
+	tmrNoLUN           = 2
+	tmrReassignNotSupp = 4
+	tmrFunctionNotSupp = 5
 )
 
 var tmfNames = map[byte]string{

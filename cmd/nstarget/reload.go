@@ -226,7 +226,7 @@ func (p *reloadPlan) build(s *service) error {
 		}
 		for _, ch := range p.changes {
 			for _, tr := range ch.builtTgts {
-				tr.closeVolumes(s.log)
+				s.closeVolumes(tr)
 			}
 		}
 	}
@@ -318,7 +318,7 @@ func (ch *tenantChange) apply(s *service) []string {
 	}
 	for _, tr := range ch.dropTgts {
 		delete(ch.rt.targets, tr.tg.IQN())
-		tr.closeVolumes(s.log)
+		s.closeVolumes(tr)
 		out = append(out, fmt.Sprintf("tenant %s: target %s removed", name, tr.tg.IQN()))
 	}
 	for _, tr := range ch.allow {
@@ -340,6 +340,13 @@ func (ch *tenantChange) apply(s *service) []string {
 func closeTenantRun(s *service, rt *tenantRun, ctx context.Context) {
 	s.srv.CloseTenant(ctx, rt.t)
 	for _, tr := range rt.targets {
-		tr.closeVolumes(s.log)
+		s.closeVolumes(tr)
+	}
+}
+
+// closeVolumes closes a target's volumes, logging what fails to close.
+func (s *service) closeVolumes(tr *targetRun) {
+	if err := tr.closeVolumes(); err != nil {
+		s.log.Warn("close volume", "target", tr.tg.IQN(), "err", err)
 	}
 }

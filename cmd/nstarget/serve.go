@@ -59,12 +59,13 @@ type targetRun struct {
 	vols []backend.Volume
 }
 
-func (tr *targetRun) closeVolumes(log *slog.Logger) {
+// closeVolumes drops the target's references to its volumes.
+func (tr *targetRun) closeVolumes() error {
+	var errs []error
 	for _, v := range tr.vols {
-		if err := v.Close(); err != nil {
-			log.Warn("close volume", "target", tr.tg.IQN(), "err", err)
-		}
+		errs = append(errs, v.Close())
 	}
+	return errors.Join(errs...)
 }
 
 // serve runs every tenant of cfg until ctx is done, then shuts down cleanly: listeners first,
@@ -201,9 +202,12 @@ func buildTenant(pool *backend.Pool, srv *target.Server, tn *conf.Tenant) (*tena
 	for _, tc := range tn.Targets {
 		tr, err := buildTarget(pool, srv, tn, tc)
 		if err != nil {
+			// Undo: nothing of the tenant stays open or registered; the error that matters
+			// is err.
 			for _, done := range rt.targets {
-				done.closeVolumes(slog.Default())
+				done.closeVolumes()
 			}
+			srv.CloseTenant(context.Background(), rt.t)
 			return nil, err
 		}
 		rt.targets[tc.IQN] = tr
@@ -218,7 +222,7 @@ func buildTarget(pool *backend.Pool, srv *target.Server, tn *conf.Tenant, tc *co
 	tr := &targetRun{}
 	luns := make(map[uint64]*scsi.LU, len(tc.LUNs))
 	fail := func(err error) (*targetRun, error) {
-		tr.closeVolumes(slog.Default())
+		tr.closeVolumes() // the error that matters is err
 		return nil, err
 	}
 	for _, l := range tc.LUNs {
