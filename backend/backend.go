@@ -166,15 +166,8 @@ func (p *Pool) Open(name string, size int64) (Volume, error) {
 		return nil, fmt.Errorf("backend: pool %s: %w", p.dir, err)
 	}
 	if v, ok := p.open[name]; ok {
-		cur := v.size.Load()
-		if size < cur {
-			return nil, fmt.Errorf("backend: volume %q: open size %d > configured %d: %w", name, cur, size, ErrShrink)
-		}
-		if size > cur {
-			if err := v.f.Truncate(size); err != nil {
-				return nil, fmt.Errorf("backend: volume %q: grow to %d: %w", name, size, err)
-			}
-			v.size.Store(size)
+		if err := v.growLocked(size); err != nil {
+			return nil, err
 		}
 		v.refs++
 		return &volRef{fileVol: v}, nil
@@ -217,6 +210,35 @@ func (p *Pool) Open(name string, size int64) (Volume, error) {
 	return &volRef{fileVol: v}, nil
 }
 
+// Grower is a volume that can grow in place while it is in use.
+type Grower interface {
+	// Grow makes the volume size bytes long; a smaller size is ErrShrink, the same size
+	// nothing.
+	Grow(size int64) error
+}
+
+// Grow makes the volume size bytes long for every user of it.
+func (v *fileVol) Grow(size int64) error {
+	v.pool.mu.Lock()
+	defer v.pool.mu.Unlock()
+	return v.growLocked(size)
+}
+
+// growLocked truncates the file upwards; pool.mu serialises it with Open.
+func (v *fileVol) growLocked(size int64) error {
+	cur := v.size.Load()
+	if size < cur {
+		return fmt.Errorf("backend: volume %q: open size %d > configured %d: %w", v.name, cur, size, ErrShrink)
+	}
+	if size > cur {
+		if err := v.f.Truncate(size); err != nil {
+			return fmt.Errorf("backend: volume %q: grow to %d: %w", v.name, size, err)
+		}
+		v.size.Store(size)
+	}
+	return nil
+}
+
 // Close syncs and closes every volume still open.
 func (p *Pool) Close() error {
 	p.mu.Lock()
@@ -254,4 +276,46 @@ func (p *Pool) release(v *fileVol) error {
 		delete(p.open, v.name)
 	}
 	return v.closeFile()
+}
+
+// Space is how full a pool is, for thin provisioning: volumes are sparse, so the file system
+// under them can fill before any volume does.
+type Space struct {
+	PoolSize  int64 // bytes of the file system the pool is on
+	PoolFree  int64 // bytes still free there (for root, which the server runs as)
+	Allocated int64 // bytes the volume occupies (0 for Pool.Space)
+}
+
+// UsedPercent is the pool's fill level, 0..100.
+func (s Space) UsedPercent() float64 {
+	if s.PoolSize <= 0 {
+		return 0
+	}
+	return 100 * float64(s.PoolSize-s.PoolFree) / float64(s.PoolSize)
+}
+
+// SpaceReporter is a volume whose pool can tell how full it is.
+type SpaceReporter interface {
+	Space() (Space, error)
+}
+
+// Space reports how full the pool's file system is.
+func (p *Pool) Space() (Space, error) {
+	s, err := statPool(p.dir)
+	if err != nil {
+		return Space{}, fmt.Errorf("backend: pool %s: %w", p.dir, err)
+	}
+	return s, nil
+}
+
+// Space reports the pool's fill level and the bytes this volume occupies.
+func (v *fileVol) Space() (Space, error) {
+	s, err := v.pool.Space()
+	if err != nil {
+		return s, err
+	}
+	if s.Allocated, err = allocated(v.fd); err != nil {
+		return s, fmt.Errorf("backend: volume %q: %w", v.name, err)
+	}
+	return s, nil
 }

@@ -237,3 +237,19 @@ func (v *fileVol) Mapped(off int64) (bool, int64, error) {
 	}
 	return true, min(hole, size) - off, nil
 }
+
+func statPool(dir string) (Space, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return Space{}, fmt.Errorf("statfs: %w", err)
+	}
+	return Space{PoolSize: int64(st.Blocks) * st.Bsize, PoolFree: int64(st.Bfree) * st.Bsize}, nil
+}
+
+func allocated(fd int) (int64, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return 0, fmt.Errorf("fstat: %w", err)
+	}
+	return st.Blocks * 512, nil
+}

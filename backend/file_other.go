@@ -27,3 +27,6 @@ func (v *fileVol) WriteAt(p []byte, off int64) (int, error) { return 0, errUnsup
 func (v *fileVol) Sync() error                              { return errUnsupported }
 func (v *fileVol) Unmap(off, length int64) error            { return errUnsupported }
 func (v *fileVol) Mapped(off int64) (bool, int64, error)    { return false, 0, errUnsupported }
+
+func statPool(dir string) (Space, error) { return Space{}, errUnsupported }
+func allocated(fd int) (int64, error)    { return 0, errUnsupported }

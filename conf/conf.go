@@ -67,6 +67,9 @@ type Server struct {
 	ControlSocketSet bool
 	// Metrics is the ip:port of the Prometheus exporter in the root namespace; "" is off.
 	Metrics string
+	// PoolSoftThreshold is the pool fill level, in percent, above which every session is told
+	// THIN PROVISIONING SOFT THRESHOLD REACHED and a warning is logged; 0 is off.
+	PoolSoftThreshold int
 }
 
 // Tenant is one [[tenant]].

@@ -47,6 +47,8 @@ func defaultServer() Server {
 		NopInterval: DefaultNopInterval,
 		NopTimeout:  DefaultNopTimeout,
 		Limits:      DefaultLimits(),
+		// Early enough to act on (add capacity, trim volumes) before writes start failing.
+		PoolSoftThreshold: 80,
 		// The socket's directory is created 0700 by serve; the socket itself is 0600.
 		ControlSocket: DefaultControlSocket,
 	}
@@ -61,6 +63,10 @@ func (v *validator) serverRuntime(st *table, srv *Server) {
 	srv.MaxConnections = st.count("max_connections", srv.MaxConnections, 0)
 	srv.NopInterval = st.duration("nop_interval", srv.NopInterval)
 	srv.NopTimeout = st.duration("nop_timeout", srv.NopTimeout)
+	srv.PoolSoftThreshold = st.count("pool_soft_threshold", srv.PoolSoftThreshold, 0)
+	if srv.PoolSoftThreshold > 100 {
+		v.errorf(st.key("pool_soft_threshold"), "%d is not a percentage of the pool (0..100; 0 turns the warning off)", srv.PoolSoftThreshold)
+	}
 	if m := st.str("metrics", "", false); m != "" {
 		if ap, err := netip.ParseAddrPort(m); err != nil || ap.Port() == 0 {
 			v.errorf(st.key("metrics"), "%q is not ip:port (e.g. \"127.0.0.1:9470\"; it serves in the root namespace, unauthenticated)", m)

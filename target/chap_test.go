@@ -486,3 +486,27 @@ func TestChallengeWireFormatIsHex(t *testing.T) {
 	}
 	_ = binary.BigEndian
 }
+
+func TestCHAPChangedLiveAppliesToTheNextLogin(t *testing.T) {
+	env := chapEnv(testCreds(false), nil)
+	tg := env.targets["iqn.t:chap"]
+	var s Server
+	rotated := &chap.Credentials{User: testUser, Secret: chap.NewSecret([]byte("a brand new secret"))}
+	s.SetCHAP(tg, rotated)
+	r := newChapRun(t, env)
+	r.challenge("5")
+	resp, _, fail := r.answer("CHAP_N="+testUser, "CHAP_R="+r.response(testSecret))
+	r.wantAuthFailure(resp, fail, "the secret in force before the change")
+	r = newChapRun(t, env)
+	r.challenge("5")
+	if resp, _, fail := r.answer("CHAP_N="+testUser, "CHAP_R="+r.response("a brand new secret")); fail {
+		t.Fatalf("the new secret was refused: status %04x", status(resp))
+	}
+	// CHAP removed: the target is open again.
+	s.SetCHAP(tg, nil)
+	r = newChapRun(t, env)
+	resp, a, fail := r.step(loginReq(0, 1, false, false, "InitiatorName=iqn.i:x", "TargetName=iqn.t:chap", "AuthMethod=None"))
+	if fail || a["AuthMethod"] != "None" {
+		t.Fatalf("after CHAP was removed: status %04x answers %v", status(resp), a)
+	}
+}

@@ -236,11 +236,12 @@ func (e connLoginEnv) complete(ls *loginState) (uint16, uint16) {
 	tsih, st := c.srv.admit(ss)
 	if st == 0 {
 		c.sess = ss
+		ls.target.dev.Attach(&ss.nexus)
 	}
 	return tsih, st
 }
 
-func (e connLoginEnv) discoveryCHAP() *chap.Credentials { return e.c.tenant.DiscoveryCHAP }
+func (e connLoginEnv) discoveryCHAP() *chap.Credentials { return e.c.tenant.discoveryCredentials() }
 
 func (e connLoginEnv) challenge(n int) (byte, []byte) {
 	var id [1]byte

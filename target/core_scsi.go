@@ -770,7 +770,7 @@ func (c *core) lunCounts(lun uint64) *lunCounts {
 		return lc
 	}
 	tg := c.cfg.sess.tg
-	if tg == nil || tg.lunStats[lun] == nil {
+	if tg == nil || tg.stats()[lun] == nil {
 		return nil
 	}
 	if c.luns == nil {

@@ -121,3 +121,6 @@ func (d *ramDevice) NexusLoss(nexus *scsi.Nexus) {
 	d.losses++
 	d.mu.Unlock()
 }
+
+func (d *ramDevice) Attach(nexus *scsi.Nexus)         {}
+func (d *ramDevice) SetLUNs(luns map[uint64]*scsi.LU) {}

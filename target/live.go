@@ -3,6 +3,9 @@ package target
 import (
 	"context"
 	"slices"
+
+	"nstarget/target/chap"
+	"nstarget/target/scsi"
 )
 
 // Live changes: a reload of the configuration changes tenants while they serve. Whatever a
@@ -33,6 +36,26 @@ func (s *Server) SetTargets(t *Tenant, tgs []*Target) {
 	if len(gone) > 0 {
 		s.endConns(func(c *conn) bool { return c.tenant == t && c.sess != nil && slices.Contains(gone, c.sess.tg) })
 	}
+}
+
+// SetLUNs replaces the target's LUN map while it serves: sessions stay logged in, commands in
+// flight finish, a removed LUN answers LOGICAL UNIT NOT SUPPORTED from now on, and every
+// session is told REPORTED LUNS DATA HAS CHANGED. The caller closes the volumes of removed LUNs
+// once no command can still be using them.
+func (s *Server) SetLUNs(tg *Target, luns map[uint64]*scsi.LU) {
+	tg.setLUNStats(luns)
+	tg.dev.SetLUNs(luns)
+}
+
+// SetCHAP replaces what logins to the target must prove (nil: nothing). It applies to new
+// logins; sessions that already proved the old credentials stay.
+func (s *Server) SetCHAP(tg *Target, creds *chap.Credentials) {
+	tg.chapLive.Store(&chapSetting{creds: creds})
+}
+
+// SetDiscoveryCHAP replaces what discovery logins of the tenant must prove, for new logins.
+func (s *Server) SetDiscoveryCHAP(t *Tenant, creds *chap.Credentials) {
+	t.discLive.Store(&chapSetting{creds: creds})
 }
 
 // SetInitiators replaces the target's allow-list while it serves (empty allows any initiator

@@ -219,7 +219,7 @@ func (ls *loginState) step(req *frame) (resp bhs, data []byte, fail bool) {
 				return failWith(st)
 			}
 			ls.target = tg
-			ls.creds = tg.cfg.CHAP
+			ls.creds = tg.credentials()
 		}
 	} else if sessionType != "" && (sessionType == "Discovery") != ls.discovery {
 		return failWith(loginInitiatorError)

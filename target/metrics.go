@@ -1,6 +1,7 @@
 package target
 
 import (
+	"maps"
 	"slices"
 	"sort"
 	"sync/atomic"
@@ -74,9 +75,9 @@ func (c *conn) foldCountersLocked() {
 	if c.core == nil || c.core.cfg.sess.tg == nil {
 		return
 	}
-	tg := c.core.cfg.sess.tg
+	stats := c.core.cfg.sess.tg.stats()
 	for lun, lc := range c.core.luns {
-		if t := tg.lunStats[lun]; t != nil {
+		if t := stats[lun]; t != nil {
 			t.commands.Add(lc.commands)
 			t.readBytes.Add(lc.readBytes)
 			t.writtenBytes.Add(lc.writtenBytes)
@@ -177,13 +178,9 @@ func (s *Server) Metrics() []TenantMetrics {
 		tm.LatencyCount = cum
 		tm.LatencySumSeconds = float64(t.stats.latency.sumNs.Load()+live.sumNs) / 1e9
 		for _, tg := range t.targets() {
-			luns := make([]uint64, 0, len(tg.lunStats))
-			for n := range tg.lunStats {
-				luns = append(luns, n)
-			}
-			slices.Sort(luns)
-			for _, n := range luns {
-				lc, lv := tg.lunStats[n], liveLUN[tg][n]
+			stats := tg.stats()
+			for _, n := range slices.Sorted(maps.Keys(stats)) {
+				lc, lv := stats[n], liveLUN[tg][n]
 				tm.LUNs = append(tm.LUNs, LUNMetrics{Target: tg.cfg.IQN, LUN: n, Commands: lc.commands.Load() + lv.commands,
 					ReadBytes: lc.readBytes.Load() + lv.readBytes, WrittenBytes: lc.writtenBytes.Load() + lv.writtenBytes})
 			}

@@ -153,7 +153,22 @@ type Target struct {
 	closed atomic.Bool
 	// allowLive replaces allow once SetInitiators has been called (a live change).
 	allowLive atomic.Pointer[map[string]bool]
-	lunStats  map[uint64]*lunCounters // fixed at construction
+	// lunStats are the per-LUN counters, by LUN number; replaced whole when the LUNs change
+	// (SetLUNs), keeping the counters of LUNs that stay.
+	lunStats atomic.Pointer[map[uint64]*lunCounters]
+	// chapLive replaces cfg.CHAP once SetCHAP has been called (a live change).
+	chapLive atomic.Pointer[chapSetting]
+}
+
+// chapSetting is credentials that may be nil (no CHAP), behind an atomic pointer.
+type chapSetting struct{ creds *chap.Credentials }
+
+// credentials is what a login to the target must prove now (nil: nothing).
+func (tg *Target) credentials() *chap.Credentials {
+	if p := tg.chapLive.Load(); p != nil {
+		return p.creds
+	}
+	return tg.cfg.CHAP
 }
 
 // IQN returns the target's name.
@@ -168,10 +183,8 @@ func (s *Server) NewTarget(cfg TargetConfig) (*Target, error) {
 }
 
 func newTarget(cfg TargetConfig, dev device) *Target {
-	tg := &Target{cfg: cfg, dev: dev, lunStats: make(map[uint64]*lunCounters, len(cfg.LUNs))}
-	for n := range cfg.LUNs {
-		tg.lunStats[n] = new(lunCounters)
-	}
+	tg := &Target{cfg: cfg, dev: dev}
+	tg.setLUNStats(cfg.LUNs)
 	if len(cfg.Initiators) > 0 {
 		tg.allow = make(map[string]bool, len(cfg.Initiators))
 		for _, n := range cfg.Initiators {
@@ -179,6 +192,24 @@ func newTarget(cfg TargetConfig, dev device) *Target {
 		}
 	}
 	return tg
+}
+
+// stats is the target's per-LUN counters.
+func (tg *Target) stats() map[uint64]*lunCounters { return *tg.lunStats.Load() }
+
+// setLUNStats makes counters for the LUNs of luns, keeping those of LUNs already counted.
+func (tg *Target) setLUNStats(luns map[uint64]*scsi.LU) {
+	var old map[uint64]*lunCounters
+	if p := tg.lunStats.Load(); p != nil {
+		old = *p
+	}
+	next := make(map[uint64]*lunCounters, len(luns))
+	for n := range luns {
+		if next[n] = old[n]; next[n] == nil {
+			next[n] = new(lunCounters)
+		}
+	}
+	tg.lunStats.Store(&next)
 }
 
 func (tg *Target) allows(initiator string) bool {
@@ -196,6 +227,10 @@ type device interface {
 	LUNReset(lun uint64, nexus *scsi.Nexus) error
 	TargetReset(nexus *scsi.Nexus)
 	NexusLoss(nexus *scsi.Nexus)
+	// Attach registers the nexus of a session that logged in (it is told of LUN changes).
+	Attach(nexus *scsi.Nexus)
+	// SetLUNs replaces the LUN map while sessions run.
+	SetLUNs(luns map[uint64]*scsi.LU)
 }
 
 // Tenant is what connections of one tenant may see (only these targets are discovered or
@@ -209,6 +244,8 @@ type Tenant struct {
 	DiscoveryCHAP *chap.Credentials
 	acct          account
 	closed        atomic.Bool
+	// discLive replaces DiscoveryCHAP once SetDiscoveryCHAP has been called.
+	discLive atomic.Pointer[chapSetting]
 	// live replaces Targets once SetTargets has been called (a live change).
 	live  atomic.Pointer[[]*Target]
 	stats tenantCounters
@@ -222,6 +259,14 @@ func (s *Server) NewTenant(name string, lim Limits) *Tenant {
 	s.tenants[t] = struct{}{}
 	s.mu.Unlock()
 	return t
+}
+
+// discoveryCredentials is what a discovery login of the tenant must prove now.
+func (t *Tenant) discoveryCredentials() *chap.Credentials {
+	if p := t.discLive.Load(); p != nil {
+		return p.creds
+	}
+	return t.DiscoveryCHAP
 }
 
 func (t *Tenant) find(iqn string) *Target {

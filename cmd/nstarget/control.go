@@ -48,6 +48,7 @@ type controlReply struct {
 type status struct {
 	Version string         `json:"version"`
 	Total   target.Usage   `json:"total"`
+	Pool    *poolStatus    `json:"pool,omitempty"`
 	Tenants []tenantStatus `json:"tenants"`
 }
 
@@ -73,6 +74,9 @@ type lunStatus struct {
 	Volume   string `json:"volume"`
 	Size     int64  `json:"size"`
 	ReadOnly bool   `json:"read_only"`
+	// Reservation is the I_T nexus holding a reservation ("" none), ReservationType its kind.
+	Reservation     string `json:"reservation,omitempty"`
+	ReservationType string `json:"reservation_type,omitempty"`
 }
 
 // Tenant states as status reports them.
@@ -269,8 +273,10 @@ func (c *control) status(only string) (*status, error) {
 	out := &status{Version: version(), Total: stats.Total, Tenants: []tenantStatus{}}
 	found := false
 	cfg := c.cfg
-	if svc := c.svc.Load(); svc != nil {
+	svc := c.svc.Load()
+	if svc != nil {
 		cfg = svc.current()
+		out.Pool = poolStatusOf(svc.pool, cfg.Server.DataDir, cfg.Server.PoolSoftThreshold)
 	}
 	for _, tn := range cfg.Tenants {
 		if only != "" && tn.Name != only {
@@ -291,7 +297,13 @@ func (c *control) status(only string) (*status, error) {
 		for _, tg := range tn.Targets {
 			t := targetStatus{IQN: tg.IQN, LUNs: []lunStatus{}}
 			for _, l := range tg.LUNs {
-				t.LUNs = append(t.LUNs, lunStatus{ID: l.ID, Volume: l.Volume, Size: l.Size, ReadOnly: l.ReadOnly})
+				ls := lunStatus{ID: l.ID, Volume: l.Volume, Size: l.Size, ReadOnly: l.ReadOnly}
+				if svc != nil {
+					if lu := svc.lu(tn.Netns, tg.IQN, l.ID); lu != nil {
+						ls.Reservation, ls.ReservationType = lu.Reservation()
+					}
+				}
+				t.LUNs = append(t.LUNs, ls)
 			}
 			ts.Targets = append(ts.Targets, t)
 		}

@@ -54,13 +54,15 @@ commands:
   check   -c FILE   validate FILE (and the volumes it names) without serving; exit 1 if invalid
   reload  [-socket PATH]
                     make serve re-read its file (as SIGHUP does) and apply only what changed:
-                    tenants added or removed, portals, targets, allow-lists; a file that fails
-                    check, or changes what needs a restart (server keys, limits, LUNs, CHAP),
-                    changes nothing: its findings are printed and the exit code is 1
+                    tenants, portals, targets, allow-lists, CHAP, LUNs added or removed,
+                    volumes grown, read_only, write_cache; a file that fails check, or changes
+                    what needs a restart (server keys, limits, an alias), changes nothing: its
+                    findings are printed and the exit code is 1
   status  [-socket PATH] [-o text|json] [TENANT]
                     ask a running serve for its tenants (state, portal, namespace id, what
-                    each holds), their targets and LUNs, and the sessions attached (initiator,
-                    ISID, TSIH, remote, since, commands, bytes read and written)
+                    each holds), their targets and LUNs (reservation holders), the pool's fill
+                    level, and the sessions attached (initiator, ISID, TSIH, remote, since,
+                    commands, bytes read and written)
   demo    [-exit]   three tenants with identical addresses and IQNs, real initiators, one process
   fleet create -prefix P -count N [-netns-dir DIR] [-config FILE] [-data-dir DIR] [-size S]
   fleet delete -prefix P [-netns-dir DIR]
@@ -327,6 +329,7 @@ func cmdServe(args []string, stderr io.Writer) error {
 		svc.reloading, svc.reloaded = sd.Reloading, sd.Ready
 		ctl.svc.Store(svc)
 		exp.mux.Store(svc.mux)
+		exp.pool.Store(svc.pool)
 		ready.started()
 	}
 	return serve(ctx, cfg, serveOptions{Logger: log, OnEvent: onEvent, OnService: onService, OnServer: func(s *target.Server) {

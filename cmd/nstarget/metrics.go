@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"nstarget/backend"
 	"nstarget/netnsmux"
 	"nstarget/target"
 )
@@ -41,6 +42,8 @@ var (
 	descNS       = prometheus.NewDesc("nstarget_netns_held", "Namespace handles held.", nil, nil)
 	descLn       = prometheus.NewDesc("nstarget_netns_listeners", "Listening sockets open.", nil, nil)
 	descNSConns  = prometheus.NewDesc("nstarget_netns_accepted_open", "Accepted connections not yet closed.", nil, nil)
+	descPoolSize = prometheus.NewDesc("nstarget_pool_size_bytes", "Size of the file system under the volume pool.", nil, nil)
+	descPoolFree = prometheus.NewDesc("nstarget_pool_free_bytes", "Free bytes in the volume pool's file system (volumes are thin: writes fail at 0).", nil, nil)
 )
 
 var nsEventKinds = map[netnsmux.EventKind]string{
@@ -51,8 +54,9 @@ var nsEventKinds = map[netnsmux.EventKind]string{
 
 // exporter is a prometheus.Collector over the running server.
 type exporter struct {
-	srv atomic.Pointer[target.Server]
-	mux atomic.Pointer[netnsmux.Mux]
+	srv  atomic.Pointer[target.Server]
+	mux  atomic.Pointer[netnsmux.Mux]
+	pool atomic.Pointer[backend.Pool]
 
 	mu     sync.Mutex
 	events map[string]uint64
@@ -72,7 +76,7 @@ func (e *exporter) event(ev netnsmux.Event) {
 
 func (e *exporter) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descCommands, descRead, descWrite, descLatency, descSessions, descConns,
-		descInFlight, descBuffers, descLogins, descNSEvents, descSetns, descSkips, descMismatch, descNS, descLn, descNSConns} {
+		descInFlight, descBuffers, descLogins, descNSEvents, descSetns, descSkips, descMismatch, descNS, descLn, descNSConns, descPoolSize, descPoolFree} {
 		ch <- d
 	}
 }
@@ -112,6 +116,13 @@ func (e *exporter) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descNS, prometheus.GaugeValue, float64(st.Namespaces))
 		ch <- prometheus.MustNewConstMetric(descLn, prometheus.GaugeValue, float64(st.Listeners))
 		ch <- prometheus.MustNewConstMetric(descNSConns, prometheus.GaugeValue, float64(st.Conns))
+	}
+	if p := e.pool.Load(); p != nil {
+		// A pool whose file system cannot be read is left out of this scrape; status says why.
+		if sp, err := p.Space(); err == nil {
+			ch <- prometheus.MustNewConstMetric(descPoolSize, prometheus.GaugeValue, float64(sp.PoolSize))
+			ch <- prometheus.MustNewConstMetric(descPoolFree, prometheus.GaugeValue, float64(sp.PoolFree))
+		}
 	}
 }
 

@@ -14,6 +14,7 @@ import (
 	"nstarget/conf"
 	"nstarget/netnsmux"
 	"nstarget/target"
+	"nstarget/target/scsi"
 )
 
 // service is what serve runs, as far as a reload needs it: the configuration in force and
@@ -26,7 +27,10 @@ type service struct {
 	mux  *netnsmux.Mux
 
 	reloadMu sync.Mutex
-	retiring sync.WaitGroup // tenants being taken out of service in the background
+	retiring sync.WaitGroup // tenants and volumes being taken out of service in the background
+	// drained is closed by serve once every session has ended, so that nothing retiring
+	// waits any longer.
+	drained chan struct{}
 	// reloading and reloaded, if set, bracket every reload (systemd's RELOADING=1, READY=1);
 	// set before the service is shared.
 	reloading, reloaded func()
@@ -43,6 +47,18 @@ func (s *service) lookup(netns string) *tenantRun {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	return s.byNetns[netns]
+}
+
+// lu is the LU serving a tenant's LUN now, or nil.
+func (s *service) lu(netns, iqn string, lun uint64) *scsi.LU {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if rt := s.byNetns[netns]; rt != nil {
+		if tr := rt.targets[iqn]; tr != nil {
+			return tr.luns[lun].lu
+		}
+	}
+	return nil
 }
 
 func (s *service) current() *conf.Config {
@@ -128,6 +144,61 @@ type tenantChange struct {
 	builtTgts map[string]*targetRun
 	dropTgts  []*targetRun
 	allow     []*targetRun // allow-list changed (the new list is in cfg)
+	chap      []*targetRun // CHAP changed (the new credentials are in cfg)
+	discovery bool         // discovery CHAP changed
+	luns      []*lunDiff
+}
+
+// lunDiff is what changed in the LUNs of one target that stays.
+type lunDiff struct {
+	tr    *targetRun
+	tc    *conf.Target
+	add   []*conf.LUN // new LUN numbers, or a LUN now on another volume
+	drop  []uint64    // LUN numbers gone, or on another volume now
+	grow  []*conf.LUN // same volume, larger
+	ro    []*conf.LUN // read_only changed
+	wc    []*conf.LUN // write_cache changed
+	built map[uint64]lunRun
+}
+
+// diffLUNs compares a target's LUNs; nil when nothing changed.
+func diffLUNs(tr *targetRun, tc *conf.Target, old []*conf.LUN) *lunDiff {
+	d := &lunDiff{tr: tr, tc: tc}
+	byID := make(map[uint64]*conf.LUN, len(old))
+	for _, l := range old {
+		byID[l.ID] = l
+	}
+	kept := make(map[uint64]bool, len(tc.LUNs))
+	for _, l := range tc.LUNs {
+		ol := byID[l.ID]
+		kept[l.ID] = ol != nil
+		switch {
+		case ol == nil:
+			d.add = append(d.add, l)
+		case ol.Volume != l.Volume:
+			d.drop = append(d.drop, l.ID)
+			d.add = append(d.add, l)
+		default:
+			if l.Size > ol.Size {
+				d.grow = append(d.grow, l)
+			}
+			if l.ReadOnly != ol.ReadOnly {
+				d.ro = append(d.ro, l)
+			}
+			if l.WriteCache != ol.WriteCache {
+				d.wc = append(d.wc, l)
+			}
+		}
+	}
+	for _, l := range old {
+		if _, ok := kept[l.ID]; !ok {
+			d.drop = append(d.drop, l.ID)
+		}
+	}
+	if len(d.add)+len(d.drop)+len(d.grow)+len(d.ro)+len(d.wc) == 0 {
+		return nil
+	}
+	return d
 }
 
 func (s *service) plan(old, cfg *conf.Config) (*reloadPlan, error) {
@@ -158,10 +229,8 @@ func (s *service) plan(old, cfg *conf.Config) (*reloadPlan, error) {
 		if ot.Limits != tn.Limits {
 			restart(tn.Line, key+".limits", "limits changed")
 		}
-		if !ot.DiscoveryCHAP.Equal(tn.DiscoveryCHAP) {
-			restart(tn.Line, key+".discovery_chap", "discovery CHAP changed")
-		}
-		ch := tenantChange{rt: s.byNetns[tn.Netns], cfg: tn, portal: ot.Portal != tn.Portal, addTgts: map[string]*conf.Target{}}
+		ch := tenantChange{rt: s.byNetns[tn.Netns], cfg: tn, portal: ot.Portal != tn.Portal, addTgts: map[string]*conf.Target{},
+			discovery: !ot.DiscoveryCHAP.Equal(tn.DiscoveryCHAP)}
 		oldTgts := make(map[string]*conf.Target, len(ot.Targets))
 		for _, tc := range ot.Targets {
 			oldTgts[tc.IQN] = tc
@@ -179,10 +248,10 @@ func (s *service) plan(old, cfg *conf.Config) (*reloadPlan, error) {
 				restart(tc.Line, tkey+".alias", "alias changed")
 			}
 			if !otc.CHAP.Equal(tc.CHAP) {
-				restart(tc.Line, tkey+".chap", "CHAP changed")
+				ch.chap = append(ch.chap, ch.rt.targets[tc.IQN])
 			}
-			if !sameLUNs(otc.LUNs, tc.LUNs) {
-				restart(tc.Line, tkey+".lun", "LUNs changed (live LUN changes are not built yet)")
+			if d := diffLUNs(ch.rt.targets[tc.IQN], tc, otc.LUNs); d != nil {
+				ch.luns = append(ch.luns, d)
 			}
 			if !slices.Equal(otc.Initiators, tc.Initiators) {
 				ch.allow = append(ch.allow, ch.rt.targets[tc.IQN])
@@ -196,7 +265,7 @@ func (s *service) plan(old, cfg *conf.Config) (*reloadPlan, error) {
 			}
 		}
 		ch.targets = !slices.Equal(order, oldOrder)
-		if ch.portal || ch.targets || len(ch.allow) > 0 {
+		if ch.portal || ch.targets || len(ch.allow) > 0 || len(ch.chap) > 0 || ch.discovery || len(ch.luns) > 0 {
 			p.changes = append(p.changes, ch)
 		}
 	}
@@ -211,12 +280,6 @@ func (s *service) plan(old, cfg *conf.Config) (*reloadPlan, error) {
 	return p, nil
 }
 
-func sameLUNs(a, b []*conf.LUN) bool {
-	return slices.EqualFunc(a, b, func(x, y *conf.LUN) bool {
-		return x.ID == y.ID && x.Volume == y.Volume && x.Size == y.Size && x.ReadOnly == y.ReadOnly && x.WriteCache == y.WriteCache
-	})
-}
-
 // build opens everything new (volumes, targets, tenants) before anything changes, so a volume
 // that cannot be opened leaves the running configuration as it was.
 func (p *reloadPlan) build(s *service) error {
@@ -227,6 +290,11 @@ func (p *reloadPlan) build(s *service) error {
 		for _, ch := range p.changes {
 			for _, tr := range ch.builtTgts {
 				s.closeVolumes(tr)
+			}
+			for _, d := range ch.luns {
+				for _, lr := range d.built {
+					lr.vol.Close()
+				}
 			}
 		}
 	}
@@ -248,6 +316,17 @@ func (p *reloadPlan) build(s *service) error {
 				return err
 			}
 			ch.builtTgts[iqn] = tr
+		}
+		for _, d := range ch.luns {
+			d.built = make(map[uint64]lunRun, len(d.add))
+			for _, l := range d.add {
+				lr, err := buildLUN(s.pool, ch.cfg, d.tc, l)
+				if err != nil {
+					undo()
+					return err
+				}
+				d.built[l.ID] = lr
+			}
 		}
 	}
 	return nil
@@ -321,6 +400,21 @@ func (ch *tenantChange) apply(s *service) []string {
 		s.closeVolumes(tr)
 		out = append(out, fmt.Sprintf("tenant %s: target %s removed", name, tr.tg.IQN()))
 	}
+	for _, tr := range ch.chap {
+		for _, tc := range ch.cfg.Targets {
+			if tc.IQN == tr.tg.IQN() {
+				s.srv.SetCHAP(tr.tg, tc.CHAP)
+				out = append(out, fmt.Sprintf("tenant %s: target %s: CHAP credentials changed (new logins)", name, tc.IQN))
+			}
+		}
+	}
+	if ch.discovery {
+		s.srv.SetDiscoveryCHAP(ch.rt.t, ch.cfg.DiscoveryCHAP)
+		out = append(out, fmt.Sprintf("tenant %s: discovery CHAP credentials changed (new logins)", name))
+	}
+	for _, d := range ch.luns {
+		out = append(out, d.apply(s, name)...)
+	}
 	for _, tr := range ch.allow {
 		for _, tc := range ch.cfg.Targets {
 			if tc.IQN == tr.tg.IQN() {
@@ -349,4 +443,104 @@ func (s *service) closeVolumes(tr *targetRun) {
 	if err := tr.closeVolumes(); err != nil {
 		s.log.Warn("close volume", "target", tr.tg.IQN(), "err", err)
 	}
+}
+
+// apply changes one target's LUNs in place: volumes grow and every LU on them says so,
+// read_only and write_cache take effect, and the LUN map is swapped with REPORTED LUNS DATA
+// HAS CHANGED for the target's sessions. Volumes of removed LUNs are closed once no command
+// can still be running on them.
+func (d *lunDiff) apply(s *service, tenant string) []string {
+	var out []string
+	iqn := d.tr.tg.IQN()
+	say := func(format string, args ...any) {
+		out = append(out, fmt.Sprintf("tenant %s: target %s: ", tenant, iqn)+fmt.Sprintf(format, args...))
+	}
+	for _, l := range d.grow {
+		lr := d.tr.luns[l.ID]
+		g, ok := lr.vol.(backend.Grower)
+		if !ok {
+			say("LUN %d: volume %s cannot grow in place; restart to apply size %d", l.ID, l.Volume, l.Size)
+			continue
+		}
+		if err := g.Grow(l.Size); err != nil {
+			s.log.Error("reload: grow volume", "tenant", tenant, "target", iqn, "lun", l.ID, "volume", l.Volume, "err", err)
+			say("LUN %d: volume %s NOT grown: %v", l.ID, l.Volume, err)
+			continue
+		}
+		s.resized(l.Volume)
+		say("LUN %d: volume %s grown to %d bytes", l.ID, l.Volume, l.Size)
+	}
+	for _, l := range d.ro {
+		d.tr.luns[l.ID].lu.SetReadOnly(l.ReadOnly)
+		say("LUN %d: read_only = %v", l.ID, l.ReadOnly)
+	}
+	for _, l := range d.wc {
+		if err := d.tr.luns[l.ID].lu.SetWriteCache(l.WriteCache); err != nil {
+			s.log.Error("reload: write cache", "tenant", tenant, "target", iqn, "lun", l.ID, "err", err)
+		}
+		say("LUN %d: write_cache = %v", l.ID, l.WriteCache)
+	}
+	if len(d.add)+len(d.drop) == 0 {
+		return out
+	}
+	var retired []backend.Volume
+	s.mu.Lock()
+	for _, id := range d.drop {
+		retired = append(retired, d.tr.luns[id].vol)
+		delete(d.tr.luns, id)
+	}
+	for id, lr := range d.built {
+		d.tr.luns[id] = lr
+	}
+	luns := d.tr.luMap()
+	s.mu.Unlock()
+	s.srv.SetLUNs(d.tr.tg, luns)
+	for _, id := range d.drop {
+		say("LUN %d removed", id)
+	}
+	for _, l := range d.add {
+		say("LUN %d added (volume %s)", l.ID, l.Volume)
+	}
+	s.retireVolumes(retired)
+	return out
+}
+
+// resized tells every LU on the volume, in every tenant, that it grew.
+func (s *service) resized(volume string) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	for _, rt := range s.byNetns {
+		for _, tr := range rt.targets {
+			for _, lr := range tr.luns {
+				if lr.vol.Name() == volume {
+					lr.lu.Resized()
+				}
+			}
+		}
+	}
+}
+
+// retireVolumes closes volumes of removed LUNs in the background: a command that looked its
+// LU up just before the swap may still be running, and commands finish within retireTimeout
+// (the target's own bound on a stalled connection is shorter), or at shutdown, when every
+// session is gone.
+func (s *service) retireVolumes(vols []backend.Volume) {
+	if len(vols) == 0 {
+		return
+	}
+	s.retiring.Add(1)
+	go func() {
+		defer s.retiring.Done()
+		t := time.NewTimer(retireTimeout)
+		defer t.Stop()
+		select {
+		case <-t.C:
+		case <-s.drained:
+		}
+		for _, v := range vols {
+			if err := v.Close(); err != nil {
+				s.log.Warn("close volume of a removed LUN", "volume", v.Name(), "err", err)
+			}
+		}
+	}()
 }

@@ -53,19 +53,34 @@ type tenantRun struct {
 	targets map[string]*targetRun // by IQN
 }
 
-// targetRun is one target being served with the volumes its LUNs hold open.
+// targetRun is one target being served with the LUs of its LUNs and the volumes they hold
+// open. luns changes only under the service's reloadMu and mu.
 type targetRun struct {
 	tg   *target.Target
-	vols []backend.Volume
+	luns map[uint64]lunRun
+}
+
+type lunRun struct {
+	lu  *scsi.LU
+	vol backend.Volume
 }
 
 // closeVolumes drops the target's references to its volumes.
 func (tr *targetRun) closeVolumes() error {
 	var errs []error
-	for _, v := range tr.vols {
-		errs = append(errs, v.Close())
+	for _, l := range tr.luns {
+		errs = append(errs, l.vol.Close())
 	}
 	return errors.Join(errs...)
+}
+
+// luMap is the target's LUN map as the SCSI layer takes it.
+func (tr *targetRun) luMap() map[uint64]*scsi.LU {
+	m := make(map[uint64]*scsi.LU, len(tr.luns))
+	for id, l := range tr.luns {
+		m[id] = l.lu
+	}
+	return m
 }
 
 // serve runs every tenant of cfg until ctx is done, then shuts down cleanly: listeners first,
@@ -79,6 +94,9 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 	if opts.ShutdownTimeout <= 0 {
 		opts.ShutdownTimeout = 10 * time.Second
 	}
+	// Before the volumes are opened (one fd each): one fd-table expansion now instead of one
+	// RCU grace period per doubling while a thousand volumes open (netnsmux.ReserveFDs).
+	netnsmux.ReserveFDs(0)
 	pool, err := backend.OpenPool(cfg.Server.DataDir)
 	if err != nil {
 		return cfg.DataDirError(err)
@@ -97,7 +115,7 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 	if opts.OnServer != nil {
 		opts.OnServer(srv)
 	}
-	svc := &service{log: log, pool: pool, srv: srv, cfg: cfg, byNetns: make(map[string]*tenantRun, len(cfg.Tenants))}
+	svc := &service{log: log, pool: pool, srv: srv, cfg: cfg, byNetns: make(map[string]*tenantRun, len(cfg.Tenants)), drained: make(chan struct{})}
 	for _, tn := range cfg.Tenants {
 		rt, err := buildTenant(pool, srv, tn)
 		if err != nil {
@@ -138,6 +156,11 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 	defer stopRun()
 	runDone := make(chan error, 1)
 	go func() { runDone <- mux.Run(runCtx) }()
+	poolDone := make(chan struct{})
+	go func() {
+		defer close(poolDone)
+		svc.watchPool(runCtx, cfg.Server.PoolSoftThreshold)
+	}()
 
 	acceptCtx, stopAccept := context.WithCancel(ctx)
 	defer stopAccept()
@@ -179,11 +202,13 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 	cancel()
 	stopConns()
 	conns.Wait()
+	close(svc.drained)
 	svc.retiring.Wait()
 	if err := mux.Close(); err != nil {
 		log.Warn("close netnsmux", "err", err)
 	}
 	stopRun()
+	<-poolDone
 	if err := <-runDone; err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, netnsmux.ErrClosed) {
 		runErr = err
 	}
@@ -219,30 +244,36 @@ func buildTenant(pool *backend.Pool, srv *target.Server, tn *conf.Tenant) (*tena
 // buildTarget opens the volumes of tc's LUNs and makes the target. On failure nothing stays
 // open.
 func buildTarget(pool *backend.Pool, srv *target.Server, tn *conf.Tenant, tc *conf.Target) (*targetRun, error) {
-	tr := &targetRun{}
-	luns := make(map[uint64]*scsi.LU, len(tc.LUNs))
-	fail := func(err error) (*targetRun, error) {
-		tr.closeVolumes() // the error that matters is err
-		return nil, err
-	}
+	tr := &targetRun{luns: make(map[uint64]lunRun, len(tc.LUNs))}
 	for _, l := range tc.LUNs {
-		vol, err := pool.Open(l.Volume, l.Size)
+		lr, err := buildLUN(pool, tn, tc, l)
 		if err != nil {
-			return fail(fmt.Errorf("tenant %s: target %s: LUN %d: %w", tn.Name, tc.IQN, l.ID, err))
+			tr.closeVolumes() // the error that matters is err
+			return nil, err
 		}
-		tr.vols = append(tr.vols, vol)
-		lu, err := scsi.NewLU(vol, scsi.LUConfig{ReadOnly: l.ReadOnly, WriteCache: l.WriteCache})
-		if err != nil {
-			return fail(fmt.Errorf("tenant %s: target %s: LUN %d on volume %s: %w", tn.Name, tc.IQN, l.ID, l.Volume, err))
-		}
-		luns[l.ID] = lu
+		tr.luns[l.ID] = lr
 	}
-	tg, err := srv.NewTarget(target.TargetConfig{IQN: tc.IQN, Alias: tc.Alias, Initiators: tc.Initiators, CHAP: tc.CHAP, LUNs: luns})
+	tg, err := srv.NewTarget(target.TargetConfig{IQN: tc.IQN, Alias: tc.Alias, Initiators: tc.Initiators, CHAP: tc.CHAP, LUNs: tr.luMap()})
 	if err != nil {
-		return fail(fmt.Errorf("tenant %s: target %s: %w", tn.Name, tc.IQN, err))
+		tr.closeVolumes()
+		return nil, fmt.Errorf("tenant %s: target %s: %w", tn.Name, tc.IQN, err)
 	}
 	tr.tg = tg
 	return tr, nil
+}
+
+// buildLUN opens the volume of one LUN and makes its LU; on failure nothing stays open.
+func buildLUN(pool *backend.Pool, tn *conf.Tenant, tc *conf.Target, l *conf.LUN) (lunRun, error) {
+	vol, err := pool.Open(l.Volume, l.Size)
+	if err != nil {
+		return lunRun{}, fmt.Errorf("tenant %s: target %s: LUN %d: %w", tn.Name, tc.IQN, l.ID, err)
+	}
+	lu, err := scsi.NewLU(vol, scsi.LUConfig{ReadOnly: l.ReadOnly, WriteCache: l.WriteCache})
+	if err != nil {
+		vol.Close()
+		return lunRun{}, fmt.Errorf("tenant %s: target %s: LUN %d on volume %s: %w", tn.Name, tc.IQN, l.ID, l.Volume, err)
+	}
+	return lunRun{lu: lu, vol: vol}, nil
 }
 
 // acceptLoop hands every accepted connection to the target layer under the tenant of the

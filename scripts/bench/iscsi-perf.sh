@@ -22,6 +22,9 @@
 #   PEER_REV=rev        before/after: the peer is nstarget built from git revision rev (e.g.
 #                       HEAD~1) instead of tgtd; goal ratio 0.97 (no row may regress > 3%)
 #   PEER_BIN=path       the same with a ready nstarget binary as the peer
+#   NST_METRICS=ip:port nstarget (not the peer) serves Prometheus metrics there and is scraped
+#                       every second while it runs: with PEER_BIN=the same binary, the ratio is
+#                       the data-path cost of metrics (goal 0.98: under 2%)
 #   NST_FALLBACK=0      0: nstarget must serve, else fail; 1: run tgtd in nstarget's place
 #                       (harness validation only, loudly marked); auto: fall back if serve fails
 #   NST_START_TIMEOUT=60  seconds to wait for a server (nstarget, tgtd) to serve the LUN; only a
@@ -58,6 +61,11 @@ if [[ -n $PEER_REV || -n $PEER_BIN ]]; then
 	PEER_KIND=nstarget
 	PEER_NAME=base
 	GOAL_RATIO=0.97
+fi
+NST_METRICS=${NST_METRICS:-}
+if [[ -n $NST_METRICS ]]; then
+	PEER_NAME=no-metrics
+	GOAL_RATIO=0.98
 fi
 GOAL_LOOPBACK_PCT=80
 
@@ -328,6 +336,11 @@ run_case() { # run_case SERVER CASE ROUND
 		outs+=("$out")
 		STARTED_PIDS+=($!)
 	done
+	if [[ $srv == nst && -n $NST_METRICS ]]; then
+		# A Prometheus server's scrape, every second while the initiators run.
+		(while kill -0 "${pids[0]}" 2>/dev/null; do curl -fsS -o /dev/null "http://$NST_METRICS/metrics" || true; sleep 1; done) &
+		STARTED_PIDS+=($!)
+	fi
 	sleep "$(awk -v r="$RUNTIME" 'BEGIN { print r / 2 }')" &
 	wait $! || true # a wait, unlike a foreground sleep, lets INT/TERM traps run at once
 	local threads
@@ -467,6 +480,8 @@ else
 fi
 if [[ $PEER_KIND == nstarget ]]; then
 	sed "s/^netns  = \"$NS_NST\"/netns  = \"$NS_TGT\"/" "$NST_CFG" >"$PEER_CFG"
+	# Only nstarget exports metrics; the peer runs the same file without them.
+	[[ -z $NST_METRICS ]] || sed -i "s/^\[server\]/[server]\nmetrics = \"$NST_METRICS\"/" "$NST_CFG"
 	if [[ -n $PEER_REV ]]; then
 		PEER_BIN=$WORK/nstarget-base
 		log "go build -o $PEER_BIN ./cmd/nstarget at $PEER_REV"

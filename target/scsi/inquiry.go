@@ -73,6 +73,9 @@ func (lu *LU) inquiry(cmd *Command) Result {
 		d = make([]byte, 8)
 		d[1] = vpdLBP
 		put16(d[2:], 4)
+		// The resource counts of the Logical Block Provisioning log page are in threshold
+		// sets of 2^exponent blocks.
+		d[4] = lu.thresholdExponent()
 		// LBPU, LBPWS, LBPWS10, LBPRZ=001b (unmapped blocks read as zeros).
 		d[5] = 0x80 | 0x40 | 0x20 | 0x04
 		d[6] = 0x02 // thin provisioned
@@ -211,7 +214,7 @@ func (lu *LU) readCapacity10(cmd *Command) Result {
 		return invalidCDB(2, -1) // LBA must be zero without PMI
 	}
 	var d [8]byte
-	last := lu.nblocks - 1
+	last := lu.blocks() - 1
 	if last > 0xFFFFFFFF {
 		last = 0xFFFFFFFF
 	}
@@ -234,7 +237,7 @@ func (lu *LU) readCapacity16(cmd *Command) Result {
 	cdb := cmd.CDB
 	alloc := be32(cdb[10:14])
 	var d [32]byte
-	put64(d[0:], lu.nblocks-1)
+	put64(d[0:], lu.blocks()-1)
 	put32(d[8:], lu.bs)
 	d[13] = lu.lbppbe
 	d[14] = 0x80 | 0x40 // LBPME, LBPRZ

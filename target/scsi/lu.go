@@ -25,10 +25,11 @@ const (
 
 // LU is one logical unit backed by one volume. Safe for concurrent use.
 type LU struct {
-	vol     backend.Volume
-	cfg     LUConfig
-	bs      uint32
-	nblocks uint64
+	vol backend.Volume
+	cfg LUConfig
+	bs  uint32
+	// nblocks grows when the volume does (Resized); read it once per command with blocks().
+	nblocks atomic.Uint64
 
 	naa    [8]byte // NAA 3 (locally assigned) designator
 	eui64  [8]byte
@@ -46,9 +47,11 @@ type LU struct {
 	// registration exists; the hot path checks only this before touching mu.
 	gate atomic.Int32
 
-	// writeCache / swp mirror the mode pages so the data path reads them without mu.
+	// writeCache / swp mirror the mode pages so the data path reads them without mu;
+	// readOnly is the configuration's read_only, changed live by SetReadOnly.
 	writeCache atomic.Bool
 	swp        atomic.Bool
+	readOnly   atomic.Bool
 
 	// known is a copy-on-write snapshot of the nexus IDs that have state here, so the hot
 	// path neither takes mu nor allocates.
@@ -106,9 +109,10 @@ func NewLU(vol backend.Volume, cfg LUConfig) (*LU, error) {
 		vol:     vol,
 		cfg:     cfg,
 		bs:      cfg.BlockSize,
-		nblocks: uint64(vol.Size()) / uint64(cfg.BlockSize),
 		nexuses: make(map[uint64]*nexusState),
 	}
+	lu.nblocks.Store(uint64(vol.Size()) / uint64(cfg.BlockSize))
+	lu.readOnly.Store(cfg.ReadOnly)
 	// One logical block per physical block is reported even though the file system under
 	// the pool allocates 4 KiB: GET LBA STATUS then answers for exactly the LBA asked
 	// (libiscsi's GetLBAStatus.UnmapSingle assumes that), and unaligned UNMAPs still read back
@@ -213,6 +217,98 @@ func (lu *LU) addUALocked(code asc, skipID uint64, only func(*Nexus) bool) {
 		ns.ua = append(ns.ua, code)
 	}
 }
+
+// addUAFor queues a unit attention for each of the given nexuses, whether or not they have
+// addressed this LU yet.
+func (lu *LU) addUAFor(code asc, nexuses map[uint64]*Nexus) {
+	lu.mu.Lock()
+	defer lu.mu.Unlock()
+	for _, n := range nexuses {
+		lu.nexusStateLocked(n)
+	}
+	lu.addUALocked(code, 0, func(n *Nexus) bool { return nexuses[n.ID] != nil })
+	lu.recomputeGate()
+}
+
+// addUA queues a unit attention for every nexus that has addressed this LU.
+func (lu *LU) addUA(code asc) {
+	lu.mu.Lock()
+	defer lu.mu.Unlock()
+	lu.addUALocked(code, 0, nil)
+	lu.recomputeGate()
+}
+
+// clearUA drops a pending unit attention of n, if any.
+func (lu *LU) clearUA(n *Nexus, code asc) {
+	if lu.gate.Load() == 0 {
+		return
+	}
+	lu.mu.Lock()
+	defer lu.mu.Unlock()
+	if ns := lu.nexuses[n.ID]; ns != nil {
+		if i := slices.Index(ns.ua, code); i >= 0 {
+			ns.ua = slices.Delete(ns.ua, i, i+1)
+			lu.recomputeGate()
+		}
+	}
+}
+
+// blocks is the LU's current capacity in logical blocks.
+func (lu *LU) blocks() uint64 { return lu.nblocks.Load() }
+
+// Resized takes the LU's capacity from its volume again after the volume grew, and tells
+// every nexus CAPACITY DATA HAS CHANGED. It reports whether the capacity changed; a volume
+// never shrinks under an LU.
+func (lu *LU) Resized() bool {
+	n := uint64(lu.vol.Size()) / uint64(lu.bs)
+	for {
+		cur := lu.nblocks.Load()
+		if n <= cur {
+			return false
+		}
+		if lu.nblocks.CompareAndSwap(cur, n) {
+			break
+		}
+	}
+	lu.addUA(ascCapacityChanged)
+	return true
+}
+
+// SetReadOnly changes the LU's read_only setting while it serves; nexuses are told MODE
+// PARAMETERS CHANGED (the WP bit of MODE SENSE changes). Writes already executing finish.
+func (lu *LU) SetReadOnly(ro bool) {
+	if lu.readOnly.Swap(ro) != ro {
+		lu.addUA(ascModeParamsChanged)
+	}
+}
+
+// SetWriteCache changes whether the LU reports a volatile write cache while it serves, as
+// MODE SELECT of the caching page would. Turning it off syncs the volume first, so that
+// writes acknowledged while it was on are durable before the LU says it has none.
+func (lu *LU) SetWriteCache(on bool) error {
+	lu.mu.Lock()
+	defer lu.mu.Unlock()
+	if lu.mode.wce == on {
+		return nil
+	}
+	lu.mode.wce = on
+	lu.writeCache.Store(on)
+	lu.addUALocked(ascModeParamsChanged, 0, nil)
+	lu.recomputeGate()
+	if !on {
+		if err := lu.vol.Sync(); err != nil {
+			return fmt.Errorf("scsi: volume %q: sync before disabling the write cache: %w", lu.vol.Name(), err)
+		}
+	}
+	return nil
+}
+
+// ThresholdReached tells every nexus THIN PROVISIONING SOFT THRESHOLD REACHED: the pool under
+// the LU's volume has crossed the operator's threshold.
+func (lu *LU) ThresholdReached() { lu.addUA(ascSoftThresholdReached) }
+
+// Volume is the volume the LU serves.
+func (lu *LU) Volume() backend.Volume { return lu.vol }
 
 // reset implements LOGICAL UNIT RESET: SPC-2 reservations go, persistent ones stay, every
 // nexus sees a reset unit attention.

@@ -137,8 +137,9 @@ func (lu *LU) reportSupportedOps(cmd *Command) Result {
 	return invalidCDB(2, 2)
 }
 
-// reportLUNs answers REPORT LUNS for the whole device (any LUN may be addressed).
-func (d *Device) reportLUNs(cmd *Command) Result {
+// reportLUNs answers REPORT LUNS for the whole device (any LUN may be addressed). It clears
+// the nexus's REPORTED LUNS DATA HAS CHANGED unit attention on every LU (SPC-5 6.33).
+func (d *Device) reportLUNs(t *lunTable, cmd *Command) Result {
 	cdb := cmd.CDB
 	if len(cdb) < 12 {
 		return invalidCDB(len(cdb), -1)
@@ -156,7 +157,10 @@ func (d *Device) reportLUNs(cmd *Command) Result {
 	if alloc < 16 {
 		return invalidCDB(6, -1)
 	}
-	luns := d.sorted
+	for _, lu := range t.luns {
+		lu.clearUA(nexusOf(cmd), ascReportedLUNsChanged)
+	}
+	luns := t.sorted
 	out := make([]byte, 8, 8+8*len(luns))
 	for _, l := range luns {
 		out = binary.BigEndian.AppendUint64(out, EncodeLUN(l))

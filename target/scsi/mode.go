@@ -107,23 +107,23 @@ func (lu *LU) modeSense(cmd *Command) Result {
 	}
 	d := make([]byte, hdrLen, 128)
 	devSpec := byte(0x10) // DPOFUA
-	if lu.cfg.ReadOnly || st.swp {
+	if lu.readOnly.Load() || st.swp {
 		devSpec |= 0x80
 	}
 	if !dbd {
 		if llbaa {
 			var bd [16]byte
-			put64(bd[0:], lu.nblocks)
+			put64(bd[0:], lu.blocks())
 			put32(bd[12:], lu.bs)
 			d = append(d, bd[:]...)
 		} else {
 			var bd [8]byte
-			n := lu.nblocks
+			n := lu.blocks()
 			if n > 0xFFFFFF {
 				n = 0xFFFFFF
 			}
 			if ten {
-				n = min(lu.nblocks, 0xFFFFFFFF)
+				n = min(lu.blocks(), 0xFFFFFFFF)
 				put32(bd[0:], uint32(n))
 			} else {
 				bd[1], bd[2], bd[3] = byte(n>>16), byte(n>>8), byte(n)

@@ -29,6 +29,7 @@ const (
 	opReserve10        = 0x56
 	opRelease10        = 0x57
 	opModeSense10      = 0x5A
+	opLogSense         = 0x4D
 	opPRIn             = 0x5E
 	opPROut            = 0x5F
 	opRead16           = 0x88
@@ -103,6 +104,7 @@ var cmdDescs = []cmdDesc{
 	{op: opSyncCache10, usage: []byte{0x35, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0}},
 	{op: opWriteSame10, usage: []byte{0x41, 0x08, 0xFF, 0xFF, 0xFF, 0xFF, 0x1F, 0xFF, 0xFF, 0}},
 	{op: opUnmap, usage: []byte{0x42, 0, 0, 0, 0, 0, 0x1F, 0xFF, 0xFF, 0}},
+	{op: opLogSense, usage: []byte{0x4D, 0, 0xFF, 0xFF, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0}},
 	{op: opModeSelect10, usage: []byte{0x55, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0}},
 	{op: opReserve10, usage: []byte{0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
 	{op: opRelease10, usage: []byte{0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
@@ -167,6 +169,7 @@ func init() {
 	set(opReserve10, (*LU).reserve, 10, fResv)
 	set(opRelease10, (*LU).release, 10, fSPC2OK|fResv)
 	set(opModeSense10, (*LU).modeSense, 10, 0)
+	set(opLogSense, (*LU).logSense, 10, fPRAlways)
 	set(opPRIn, (*LU).prIn, 10, fPRAlways)
 	set(opPROut, (*LU).prOut, 10, fPRAlways) // each service action checks its own rights
 	set(opRead16, (*LU).readN, 16, fPRRead)

@@ -499,3 +499,19 @@ func (lu *LU) release(cmd *Command) Result {
 	}
 	return good()
 }
+
+// Reservation says who holds a reservation of the LU, for operators: the holder's I_T nexus
+// ("iqn...,i,0x<isid>") and the kind, or "" when nothing is reserved.
+func (lu *LU) Reservation() (holder, kind string) {
+	lu.mu.RLock()
+	defer lu.mu.RUnlock()
+	switch {
+	case lu.resv2 != nil:
+		return portOf(lu.resv2), "reserve(6/10)"
+	case lu.pr.typ != 0 && allRegistrants(lu.pr.typ):
+		return "all registrants", fmt.Sprintf("persistent type %d", lu.pr.typ)
+	case lu.pr.typ != 0 && lu.pr.holder != nil:
+		return lu.pr.holder.port, fmt.Sprintf("persistent type %d", lu.pr.typ)
+	}
+	return "", ""
+}

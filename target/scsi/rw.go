@@ -46,7 +46,8 @@ func cdbSize(op byte) int {
 
 // checkRange validates [lba, lba+blocks) against the medium.
 func (lu *LU) checkRange(lba uint64, blocks uint64) bool {
-	return lba < lu.nblocks && blocks <= lu.nblocks-lba
+	n := lu.blocks()
+	return lba < n && blocks <= n-lba
 }
 
 // checkXfer applies the checks every READ/WRITE/VERIFY style command makes before touching the
@@ -63,7 +64,7 @@ func (lu *LU) checkXfer(a rwArgs, wanted uint64, write bool) (Result, bool) {
 	return Result{}, false
 }
 
-func (lu *LU) writable() bool { return !lu.cfg.ReadOnly && !lu.swp.Load() }
+func (lu *LU) writable() bool { return !lu.readOnly.Load() && !lu.swp.Load() }
 
 // readN serves READ 6/10/12/16 straight into the transport's buffer.
 func (lu *LU) readN(cmd *Command) Result {
@@ -242,7 +243,7 @@ func (lu *LU) prefetch(cmd *Command) Result {
 
 func (lu *LU) syncCache(cmd *Command) Result {
 	a := decodeRW(cmd.CDB)
-	if a.lba > lu.nblocks || (a.blocks != 0 && !lu.checkRange(a.lba, uint64(a.blocks))) {
+	if a.lba > lu.blocks() || (a.blocks != 0 && !lu.checkRange(a.lba, uint64(a.blocks))) {
 		return lbaOutOfRange()
 	}
 	if err := lu.vol.Sync(); err != nil {
@@ -383,12 +384,12 @@ func (lu *LU) writeSame(cmd *Command) Result {
 		return withWanted(invalidCDB(1, 2), wanted) // PBDATA/LBDATA
 	}
 	n := uint64(blocks)
-	if lba >= lu.nblocks {
+	if lba >= lu.blocks() {
 		return withWanted(lbaOutOfRange(), wanted)
 	}
 	if n == 0 {
 		// WSNZ=0: zero blocks means through the last LBA (still bounded by the limit).
-		n = lu.nblocks - lba
+		n = lu.blocks() - lba
 	}
 	if !lu.checkRange(lba, n) {
 		return withWanted(lbaOutOfRange(), wanted)
@@ -512,7 +513,7 @@ func (lu *LU) unmap(cmd *Command) Result {
 		lba := be64(d[0:8])
 		n := uint64(be32(d[8:12]))
 		if n == 0 {
-			if lba > lu.nblocks {
+			if lba > lu.blocks() {
 				return withWanted(lbaOutOfRange(), uint64(plen))
 			}
 			continue
@@ -546,7 +547,7 @@ func (lu *LU) getLBAStatus(cmd *Command) Result {
 	cdb := cmd.CDB
 	lba := be64(cdb[2:10])
 	alloc := be32(cdb[10:14])
-	if lba >= lu.nblocks {
+	if lba >= lu.blocks() {
 		return lbaOutOfRange()
 	}
 	if alloc < 8 {
@@ -559,7 +560,7 @@ func (lu *LU) getLBAStatus(cmd *Command) Result {
 	d := make([]byte, 8, 8+16*maxDescs)
 	bs := uint64(lu.bs)
 	cur := lba
-	for uint32((len(d)-8)/16) < maxDescs && cur < lu.nblocks {
+	for uint32((len(d)-8)/16) < maxDescs && cur < lu.blocks() {
 		mapped, length, err := lu.vol.Mapped(int64(cur * bs))
 		if err != nil {
 			return readError()
@@ -573,7 +574,7 @@ func (lu *LU) getLBAStatus(cmd *Command) Result {
 				mapped, n = true, 1
 			}
 		}
-		n = min(n, lu.nblocks-cur, 0xFFFFFFFF)
+		n = min(n, lu.blocks()-cur, 0xFFFFFFFF)
 		if n == 0 {
 			n = 1
 		}

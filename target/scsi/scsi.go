@@ -11,7 +11,10 @@ package scsi
 
 import (
 	"fmt"
+	"maps"
 	"slices"
+	"sync"
+	"sync/atomic"
 )
 
 // Status codes (SAM-5).
@@ -82,24 +85,71 @@ type LUConfig struct {
 }
 
 // Device is the SCSI target device of one iSCSI target: its LUN map. It answers REPORT LUNS and
-// commands to LUNs that do not exist, and routes the rest to the LU.
+// commands to LUNs that do not exist, and routes the rest to the LU. The map can be replaced
+// while sessions run (SetLUNs); every attached nexus is then told so by a unit attention.
 type Device struct {
+	table atomic.Pointer[lunTable]
+
+	// mu guards attached and serialises SetLUNs; the data path never takes it.
+	mu       sync.Mutex
+	attached map[uint64]*Nexus // sessions logged in to this device, by Nexus.ID
+}
+
+// lunTable is one immutable LUN map: a new one replaces it whole, so a command sees either
+// the old map or the new one.
+type lunTable struct {
 	luns   map[uint64]*LU
 	sorted []uint64
 }
 
-// NewDevice builds a device from a LUN map. The map is copied; nil LUs are ignored.
-func NewDevice(luns map[uint64]*LU) *Device {
-	d := &Device{luns: make(map[uint64]*LU, len(luns))}
+func newLUNTable(luns map[uint64]*LU) *lunTable {
+	t := &lunTable{luns: make(map[uint64]*LU, len(luns))}
 	for n, lu := range luns {
 		if lu == nil {
 			continue
 		}
-		d.luns[n] = lu
-		d.sorted = append(d.sorted, n)
+		t.luns[n] = lu
+		t.sorted = append(t.sorted, n)
 	}
-	slices.Sort(d.sorted)
+	slices.Sort(t.sorted)
+	return t
+}
+
+// NewDevice builds a device from a LUN map. The map is copied; nil LUs are ignored.
+func NewDevice(luns map[uint64]*LU) *Device {
+	d := &Device{attached: make(map[uint64]*Nexus)}
+	d.table.Store(newLUNTable(luns))
 	return d
+}
+
+// LUNs returns a copy of the current LUN map.
+func (d *Device) LUNs() map[uint64]*LU {
+	return maps.Clone(d.table.Load().luns)
+}
+
+// SetLUNs replaces the LUN map while sessions run. Commands already executing finish on the
+// LU they started on; from now on a removed LUN answers LOGICAL UNIT NOT SUPPORTED. Every
+// attached nexus gets REPORTED LUNS DATA HAS CHANGED on the LUs it can still reach, until
+// it issues REPORT LUNS. An identical map changes nothing.
+func (d *Device) SetLUNs(luns map[uint64]*LU) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	next := newLUNTable(luns)
+	if maps.Equal(next.luns, d.table.Load().luns) {
+		return
+	}
+	d.table.Store(next)
+	for _, lu := range next.luns {
+		lu.addUAFor(ascReportedLUNsChanged, d.attached)
+	}
+}
+
+// Attach registers a nexus that logged in to this device, so that it hears of LUN changes
+// even on LUs it has not addressed yet; NexusLoss forgets it.
+func (d *Device) Attach(nexus *Nexus) {
+	d.mu.Lock()
+	d.attached[nexus.ID] = nexus
+	d.mu.Unlock()
 }
 
 // Execute runs cmd to completion. Safe to call from many goroutines at once.
@@ -107,10 +157,11 @@ func (d *Device) Execute(cmd *Command) Result {
 	if cmd == nil || len(cmd.CDB) == 0 {
 		return invalidOpcode()
 	}
+	t := d.table.Load()
 	if cmd.CDB[0] == opReportLUNs {
-		return d.reportLUNs(cmd)
+		return d.reportLUNs(t, cmd)
 	}
-	lu := d.luns[cmd.LUN]
+	lu := t.luns[cmd.LUN]
 	if lu == nil {
 		return noSuchLUN(cmd)
 	}
@@ -119,7 +170,7 @@ func (d *Device) Execute(cmd *Command) Result {
 
 // LUNReset resets one LU on behalf of nexus (clears SPC-2 reservations, sets unit attentions).
 func (d *Device) LUNReset(lun uint64, nexus *Nexus) error {
-	lu := d.luns[lun]
+	lu := d.table.Load().luns[lun]
 	if lu == nil {
 		return fmt.Errorf("scsi: LUN reset: LUN %d does not exist", lun)
 	}
@@ -129,7 +180,7 @@ func (d *Device) LUNReset(lun uint64, nexus *Nexus) error {
 
 // TargetReset resets every LU (TARGET WARM RESET).
 func (d *Device) TargetReset(nexus *Nexus) {
-	for _, lu := range d.luns {
+	for _, lu := range d.table.Load().luns {
 		lu.reset(nexus)
 	}
 }
@@ -140,7 +191,10 @@ func (d *Device) NexusLoss(nexus *Nexus) {
 	if nexus == nil {
 		return
 	}
-	for _, lu := range d.luns {
+	d.mu.Lock()
+	delete(d.attached, nexus.ID)
+	d.mu.Unlock()
+	for _, lu := range d.table.Load().luns {
 		lu.nexusLoss(nexus)
 	}
 }

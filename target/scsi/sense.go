@@ -30,6 +30,9 @@ const (
 	ascUnrecoveredReadError   asc = 0x1100
 	ascWriteError             asc = 0x0C00
 	ascSpaceAllocFailed       asc = 0x2707
+	ascCapacityChanged        asc = 0x2A09
+	ascReportedLUNsChanged    asc = 0x3F0E
+	ascSoftThresholdReached   asc = 0x3807
 )
 
 // senseLen is the fixed-format sense length we return (SPC-5 4.4.3).

@@ -66,6 +66,9 @@ func testMain(m *testing.M) int {
 		fmt.Fprintf(os.Stderr, "e2e: go build -race: %v\n%s", err, out)
 		return 1
 	}
+	// A -race binary sleeps 1 s at exit by default: every `nstarget reload`/`status` the
+	// tests run would wait for nothing.
+	os.Setenv("GORACE", "atexit_sleep_ms=0")
 	prefix = fmt.Sprintf("e2e-%d", os.Getpid())
 	sweepStaleNetns()
 	return m.Run()

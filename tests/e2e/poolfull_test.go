@@ -3,14 +3,18 @@
 package e2e
 
 import (
+	"encoding/json"
+	"fmt"
+	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 )
 
-func TestFullPoolAnswersSpaceAllocationFailedAndKeepsOtherTenantsData(t *testing.T) {
+func TestFullPoolWarnsAtTheThresholdAnswersSpaceAllocationFailedAndKeepsOtherTenantsData(t *testing.T) {
 	dir := t.TempDir()
 	pool := filepath.Join(dir, "pool")
 	if err := os.MkdirAll(pool, 0o755); err != nil {
@@ -26,6 +30,7 @@ func TestFullPoolAnswersSpaceAllocationFailedAndKeepsOtherTenantsData(t *testing
 [server]
 data_dir = "@POOL@"
 control_socket = "`+dir+`/ctl.sock"
+pool_soft_threshold = 50
 
 [[tenant]]
 name = "a"
@@ -52,6 +57,25 @@ portal = "10.0.0.1:3260"
 	s.listening(pb.tenant, 1)
 	url := "iscsi://10.0.0.1/iqn.2026-11.org.nstarget:full/0"
 	pb.mustIni(t, "qemu-io", "-f", "raw", "-c", "write -P 0x22 0 1M", url)
+	// A session of tenant b that stays logged in while the pool fills: it must be told.
+	bio := exec.Command("ip", "netns", "exec", pb.ini, "qemu-io", "-f", "raw", url)
+	bin, err := bio.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var bout lockedBuffer
+	bio.Stdout, bio.Stderr = &bout, &bout
+	if err := bio.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { bio.Process.Kill(); bio.Wait() })
+	io.WriteString(bin, "read -P 0x22 0 4k\n")
+	waitFor(t, "tenant b's session", func() error {
+		if !strings.Contains(bout.String(), "read 4096/4096") {
+			return fmt.Errorf("qemu-io: %s", bout.String())
+		}
+		return nil
+	})
 
 	// Tenant a writes more than the pool holds: the write fails, and says why.
 	out, _ := pa.run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 12M", url)
@@ -59,6 +83,24 @@ portal = "10.0.0.1:3260"
 		t.Fatalf("a write beyond the pool did not fail:\n%s", out)
 	}
 	s.waitLog("the pool-full warning for tenant a", 1, msgIs("write refused: the volume pool is out of space (SPACE ALLOCATION FAILED)", "tenant", "a"))
+	s.waitLog("the soft threshold warning", 1, msgIs("pool above its soft threshold: sessions are told THIN PROVISIONING SOFT THRESHOLD REACHED; writes fail once it is full"))
+	io.WriteString(bin, "read -P 0x22 0 4k\n")
+	waitFor(t, "tenant b's session to be told THIN PROVISIONING SOFT THRESHOLD REACHED", func() error {
+		if !strings.Contains(bout.String(), "0x3807") {
+			return fmt.Errorf("qemu-io: %s", bout.String())
+		}
+		return nil
+	})
+	code, out, errOut := runBin(t, "status", "-socket", dir+"/ctl.sock", "-o", "json")
+	var st struct {
+		Pool struct {
+			UsedPercent float64 `json:"used_percent"`
+			Threshold   int     `json:"soft_threshold_percent"`
+		} `json:"pool"`
+	}
+	if err := json.Unmarshal([]byte(out), &st); code != 0 || err != nil || st.Pool.UsedPercent < 90 || st.Pool.Threshold != 50 {
+		t.Fatalf("status of a full pool: exit %d, %v: %s%s", code, err, out, errOut)
+	}
 
 	// Tenant b's data is intact, and b gets the same clear answer when it writes.
 	if out := pb.mustIni(t, "qemu-io", "-f", "raw", "-c", "read -P 0x22 0 1M", url); strings.Contains(out, "Pattern verification failed") {

@@ -14,6 +14,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -113,7 +114,7 @@ func readRawPDU(r io.Reader, limit int) (*rawPDU, error) {
 // ---- dialling from inside a namespace ----
 
 // dialIn opens n TCP connections to addr from inside the network namespace ns (a name under
-// /run/netns). A socket keeps the namespace it was created in, so only the dials run on a
+// /run/netns, or the absolute path of a namespace file). A socket keeps the namespace it was created in, so only the dials run on a
 // thread that entered ns; the thread goes back before it is released, or dies with its
 // goroutine if it cannot. It returns the connections made before any error.
 func dialIn(ns, addr string, n int) ([]*net.TCPConn, error) {
@@ -133,7 +134,11 @@ func dialIn(ns, addr string, n int) ([]*net.TCPConn, error) {
 			return
 		}
 		defer back.Close()
-		f, err := os.Open("/run/netns/" + ns)
+		path := ns
+		if !filepath.IsAbs(ns) {
+			path = "/run/netns/" + ns
+		}
+		f, err := os.Open(path)
 		if err != nil {
 			res.err = fmt.Errorf("open netns %s: %w", ns, err)
 			runtime.UnlockOSThread()

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 )
@@ -42,6 +43,21 @@ const (
     [[tenant.target.lun]]
     volume = "a2"
     size = "8MiB"
+`
+	// reloadLUNA1 is a second LUN of tenant a's first target.
+	reloadLUNA1 = `
+    [[tenant.target.lun]]
+    id = 1
+    volume = "a-1"
+    size = "4MiB"
+`
+	reloadTargetA2RO = `
+  [[tenant.target]]
+  iqn = "iqn.2026-11.org.nstarget:a2"
+    [[tenant.target.lun]]
+    volume = "a2"
+    size = "8MiB"
+    read_only = true
 `
 	reloadTenantB = `
 [[tenant]]
@@ -102,7 +118,7 @@ func TestReloadAppliesOnlyTheDifferenceAndRefusesBadFilesWithoutTouchingAnything
 	if err != nil {
 		t.Fatal(err)
 	}
-	var qout strings.Builder
+	var qout lockedBuffer
 	qio.Stdout, qio.Stderr = &qout, &qout
 	if err := qio.Start(); err != nil {
 		t.Fatal(err)
@@ -153,20 +169,56 @@ func TestReloadAppliesOnlyTheDifferenceAndRefusesBadFilesWithoutTouchingAnything
 	if code != 1 || !strings.Contains(errOut, "c.toml:") || !strings.Contains(errOut, "bogus") {
 		t.Fatalf("invalid file: exit %d: %s", code, errOut)
 	}
-	write(strings.Replace(reloadConfig(sock, fmt.Sprintf("%q", ini), reloadTargetA2+reloadTenantB), `size = "8MiB"`, `size = "16MiB"`, 1))
+	write(strings.Replace(reloadConfig(sock, fmt.Sprintf("%q", ini), reloadTargetA2+reloadTenantB), `data_dir = "@POOL@"`, `data_dir = "@POOL@2"`, 1))
 	code, _, errOut = reload()
-	if code != 1 || !strings.Contains(errOut, "needs a restart") {
-		t.Fatalf("LUN change: exit %d: %s", code, errOut)
+	if code != 1 || !strings.Contains(errOut, "server.data_dir changed: needs a restart") {
+		t.Fatalf("data_dir change: exit %d: %s", code, errOut)
 	}
 
-	// 3. The same file again changes nothing.
-	write(reloadConfig(sock, fmt.Sprintf("%q", ini), reloadTargetA2+reloadTenantB))
+	// 3. LUN changes under the running session: tenant a's volume grows, a LUN is added, a2's
+	// LUN turns read-only. The session stays; libiscsi (in qemu-io) is told of each change by
+	// a unit attention and retries.
+	grown := strings.Replace(reloadConfig(sock, fmt.Sprintf("%q", ini), reloadLUNA1+reloadTargetA2RO+reloadTenantB), `size = "8MiB"`, `size = "16MiB"`, 1)
+	write(grown)
+	code, out, errOut = reload()
+	if code != 0 {
+		t.Fatalf("LUN changes: exit %d: %s%s", code, out, errOut)
+	}
+	for _, want := range []string{"LUN 0: volume a grown to 16777216 bytes", "LUN 1 added (volume a-1)", "LUN 0: read_only = true"} {
+		if !strings.Contains(out, want) {
+			t.Fatalf("reload output lacks %q:\n%s", want, out)
+		}
+	}
+	io.WriteString(stdin, "write -P 0x5a 64k 64k\n")
+	waitFor(t, "qemu-io to hear of the new capacity and LUN", func() error {
+		if o := qout.String(); !strings.Contains(o, "0x2a09") || !strings.Contains(o, "0x3f0e") {
+			return fmt.Errorf("qemu-io said:\n%s", o)
+		}
+		return nil
+	})
+	if got := pa.mustIni(t, "iscsi-readcapacity16", "-i", ini, "iscsi://10.0.0.1/iqn.2026-11.org.nstarget:a/0"); !strings.Contains(got, "Total size:16777216") {
+		t.Fatalf("grown volume: %s", got)
+	}
+	if got := pa.mustIni(t, "iscsi-ls", "-s", "-i", ini, "iscsi://10.0.0.1"); !strings.Contains(got, "Lun:1") {
+		t.Fatalf("added LUN 1 is not listed: %s", got)
+	}
+	if out, err := pa.run("qemu-io", "-f", "raw", "-c", "write 0 4k", "iscsi://10.0.0.1/iqn.2026-11.org.nstarget:a2/0"); err == nil && !strings.Contains(out, "failed") {
+		t.Fatalf("a write to the read-only LUN succeeded:\n%s", out)
+	}
+	// Back to the LUNs of step 1: LUN 1 goes (the session hears of it), a2 writable again.
+	write(strings.Replace(reloadConfig(sock, fmt.Sprintf("%q", ini), reloadTargetA2+reloadTenantB), `size = "8MiB"`, `size = "16MiB"`, 1))
+	if code, out, errOut := reload(); code != 0 || !strings.Contains(out, "LUN 1 removed") {
+		t.Fatalf("LUN removal: exit %d: %s%s", code, out, errOut)
+	}
+	pa.mustIni(t, "qemu-io", "-f", "raw", "-c", "write 0 4k", "iscsi://10.0.0.1/iqn.2026-11.org.nstarget:a2/0")
+
+	// 4. The same file again changes nothing.
 	if code, out, errOut := reload(); code != 0 || !strings.Contains(out, "nothing changed") {
 		t.Fatalf("identical file: exit %d: %s%s", code, out, errOut)
 	}
 
-	// 4. SIGHUP does the same as reload: tenant c comes back.
-	write(reloadConfig(sock, fmt.Sprintf("%q", ini), reloadTargetA2+reloadTenantB+reloadTenantC))
+	// 5. SIGHUP does the same as reload: tenant c comes back.
+	write(strings.Replace(reloadConfig(sock, fmt.Sprintf("%q", ini), reloadTargetA2+reloadTenantB+reloadTenantC), `size = "8MiB"`, `size = "16MiB"`, 1))
 	s.cmd.Process.Signal(syscall.SIGHUP)
 	s.waitLog("SIGHUP reload", 1, msgIs("reloaded"))
 	s.listening(pc.tenant, 2)
@@ -185,4 +237,22 @@ func TestReloadAppliesOnlyTheDifferenceAndRefusesBadFilesWithoutTouchingAnything
 	if _, err := os.Stat(sock); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// lockedBuffer collects a child's output while the test reads it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }

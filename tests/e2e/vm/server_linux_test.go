@@ -76,20 +76,57 @@ func newServer(t *testing.T, s *suite, tenants []tenantSpec) server {
 // --- nstarget -----------------------------------------------------------------------------
 
 type nstargetServer struct {
-	bin, cfg, dataDir, logPath string
-	tenants                    []tenantSpec
-	proc                       *proc
-	starts                     int
+	bin, cfg, dir, dataDir, logPath string
+	socket                          string // control_socket: `nstarget reload` reaches serve here
+	tenants                         []tenantSpec
+	proc                            *proc
+	starts, reloads                 int
 }
 
 // newNstarget writes the operator's config file: a temporary data_dir, the namespaces in
-// /run/netns where `ip netns add` puts them.
+// /run/netns where `ip netns add` puts them, a control socket of its own.
 func newNstarget(t *testing.T, s *suite, tenants []tenantSpec) *nstargetServer {
 	dir := t.TempDir()
-	n := &nstargetServer{bin: s.bin, cfg: filepath.Join(dir, "nstarget.toml"),
-		dataDir: filepath.Join(dir, "data"), logPath: filepath.Join(dir, "nstarget.log"), tenants: tenants}
+	// A unix socket's path must fit in 108 bytes, which t.TempDir (named after the test) need
+	// not: a short directory of its own.
+	sockDir, err := os.MkdirTemp("", "vme2e-ctl-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	n := &nstargetServer{bin: s.bin, cfg: filepath.Join(dir, "nstarget.toml"), dir: dir,
+		dataDir: filepath.Join(dir, "data"), logPath: filepath.Join(dir, "nstarget.log"),
+		socket: filepath.Join(sockDir, "ctl.sock")}
+	n.writeConfig(t, tenants)
+	t.Cleanup(func() {
+		if n.proc != nil {
+			n.proc.stop(patience)
+		}
+		logs, _ := os.ReadFile(n.logPath)
+		if bytes.Contains(logs, []byte("WARNING: DATA RACE")) {
+			t.Errorf("nstarget reported a data race:\n%s", logs)
+		} else if t.Failed() || os.Getenv("NSTARGET_E2E_LOGS") != "" {
+			cfg, _ := os.ReadFile(n.cfg)
+			t.Logf("config %s:\n%s\nnstarget log:\n%s", n.cfg, cfg, tail(logs, 200))
+		}
+	})
+	return n
+}
+
+// writeConfig (re)writes the config file so that it serves tenants.
+func (n *nstargetServer) writeConfig(t *testing.T, tenants []tenantSpec) {
+	t.Helper()
+	if err := os.WriteFile(n.cfg, []byte(configText(t, n.dir, n.dataDir, n.socket, tenants)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	n.tenants = tenants
+}
+
+// configText is the TOML of a configuration serving tenants; CHAP secrets go to files in dir.
+func configText(t *testing.T, dir, dataDir, socket string, tenants []tenantSpec) string {
+	t.Helper()
 	var b strings.Builder
-	fmt.Fprintf(&b, "[server]\nnetns_dir = %q\ndata_dir  = %q\n", "/run/netns", n.dataDir)
+	fmt.Fprintf(&b, "[server]\nnetns_dir = %q\ndata_dir  = %q\ncontrol_socket = %q\n", "/run/netns", dataDir, socket)
 	for _, tn := range tenants {
 		fmt.Fprintf(&b, "\n[[tenant]]\nname   = %q\nnetns  = %q\nportal = %q\n", tn.name, tn.ns, "0.0.0.0:3260")
 		if c := tn.discoveryCHAP; c != nil {
@@ -114,21 +151,31 @@ func newNstarget(t *testing.T, s *suite, tenants []tenantSpec) *nstargetServer {
 			}
 		}
 	}
-	if err := os.WriteFile(n.cfg, []byte(b.String()), 0o644); err != nil {
-		t.Fatal(err)
+	return b.String()
+}
+
+// reconfigure rewrites the config file for tenants and has the running server apply the
+// difference (`nstarget reload -socket`, as an operator would). It fails the test, with the
+// command's output, unless reload exits 0, and returns what reload printed: one line per change.
+func (n *nstargetServer) reconfigure(t *testing.T, tenants []tenantSpec) string {
+	t.Helper()
+	n.writeConfig(t, tenants)
+	n.reloads++
+	if logf, err := os.OpenFile(n.logPath, os.O_WRONLY|os.O_APPEND, 0o644); err == nil {
+		fmt.Fprintf(logf, "=== reload %d: %s reload -socket %s\n", n.reloads, n.bin, n.socket)
+		logf.Close()
 	}
-	t.Cleanup(func() {
-		if n.proc != nil {
-			n.proc.stop(patience)
-		}
+	cmd := exec.Command(n.bin, "reload", "-socket", n.socket)
+	// The -race build would otherwise sleep a second before exiting (atexit_sleep_ms=1000).
+	cmd.Env = append(os.Environ(), "GORACE=atexit_sleep_ms=0")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
 		logs, _ := os.ReadFile(n.logPath)
-		if bytes.Contains(logs, []byte("WARNING: DATA RACE")) {
-			t.Errorf("nstarget reported a data race:\n%s", logs)
-		} else if t.Failed() || os.Getenv("NSTARGET_E2E_LOGS") != "" {
-			t.Logf("config %s:\n%s\nnstarget log:\n%s", n.cfg, b.String(), tail(logs, 200))
-		}
-	})
-	return n
+		cfg, _ := os.ReadFile(n.cfg)
+		t.Fatalf("reload %d: %s reload -socket %s: %v\n%s\nconfig:\n%s\nnstarget log:\n%s",
+			n.reloads, n.bin, n.socket, err, out, cfg, tail(logs, 50))
+	}
+	return string(out)
 }
 
 // writeChapTable writes a chap table, its secret in a file of its own next to the config.
