@@ -69,6 +69,10 @@ commands:
                     make (or remove) namespaces P-0001 … P-NNNN in-process, each with its
                     loopback up (~0.6 ms each, no fork), and write a matching configuration
                     (one tenant per namespace on 127.0.0.1:3260)
+  cluster apply -c FILE [-endpoints URL,...] [-prefix P] [-allow-empty]
+                    validate FILE's tenants and publish them to the cluster's etcd
+  cluster status [-endpoints URL,...] [-prefix P] [-o text|json]
+                    the cluster's nodes and leases, and each tenant's owner and placement
   example           print an annotated configuration file
   version           print the build version
 
@@ -107,6 +111,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdReload(rest, stdout)
 	case "fleet":
 		err = cmdFleet(rest, stdout, stderr)
+	case "cluster":
+		return runCluster(rest, stdout, stderr)
 	case "demo":
 		err = cmdDemo(rest, stdout, stderr)
 	case "example":
