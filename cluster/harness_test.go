@@ -8,7 +8,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"net/url"
 	"os"
 	"slices"
 	"strings"
@@ -18,8 +17,9 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
+
+	"nstarget/tests/etcdtest"
 )
 
 // hungTest is the deadline that fails a test which waits for an event that never comes; it
@@ -30,38 +30,14 @@ const hungTest = 30 * time.Second
 // ticks of the measured setup (TickMs 10, ElectionMs 100), and stops it when the test ends.
 func startEtcd(t *testing.T) string {
 	t.Helper()
-	cfg := embed.NewConfig()
-	cfg.Name = "test"
-	cfg.Dir = t.TempDir()
-	cfg.TickMs, cfg.ElectionMs = 10, 100
-	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
-	local := func() url.URL {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ln.Close()
-		return url.URL{Scheme: "http", Host: ln.Addr().String()}
-	}
-	client, peer := local(), local()
-	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{client}, []url.URL{client}
-	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{peer}, []url.URL{peer}
-	cfg.InitialCluster = cfg.InitialClusterFromName(cfg.Name)
 	start := time.Now()
-	e, err := embed.StartEtcd(cfg)
+	e, err := etcdtest.Start(t.TempDir(), hungTest)
 	if err != nil {
-		t.Fatalf("start etcd: %v", err)
+		t.Fatal(err)
 	}
-	t.Cleanup(e.Close)
-	select {
-	case <-e.Server.ReadyNotify():
-	case err := <-e.Err():
-		t.Fatalf("etcd: %v", err)
-	case <-time.After(hungTest):
-		t.Fatal("etcd not ready")
-	}
-	t.Logf("etcd ready on %s in %v", client.Host, time.Since(start).Round(time.Millisecond))
-	return client.String()
+	t.Cleanup(e.Stop)
+	t.Logf("etcd ready on %s in %v", e.URL, time.Since(start).Round(time.Millisecond))
+	return e.URL
 }
 
 func newClient(t *testing.T, endpoint string) *clientv3.Client {

@@ -25,6 +25,7 @@ import (
 	"nstarget/backend"
 	"nstarget/target/chap"
 	"nstarget/target/iscsiname"
+	"nstarget/tenantnet"
 )
 
 // Defaults of the [server] and [[tenant]] sections.
@@ -41,6 +42,8 @@ type Config struct {
 	File    string // path it was read from, for messages
 	Server  Server
 	Tenants []*Tenant
+	// Cluster is [cluster]: nil for a node of its own, whose tenants are the file's.
+	Cluster *Cluster
 }
 
 // Server is the [server] section.
@@ -70,6 +73,11 @@ type Server struct {
 	// PoolSoftThreshold is the pool fill level, in percent, above which every session is told
 	// THIN PROVISIONING SOFT THRESHOLD REACHED and a warning is logged; 0 is off.
 	PoolSoftThreshold int
+	// Backend is where volumes live: BackendFile (data_dir) or BackendRBD (RBD); BackendLine
+	// is the line of server.backend (0: defaulted).
+	Backend     string
+	BackendLine int
+	RBD         RBD
 }
 
 // Tenant is one [[tenant]].
@@ -84,7 +92,10 @@ type Tenant struct {
 	// DiscoveryCHAP is [tenant.discovery_chap]: what discovery sessions must prove; nil:
 	// discovery is open to the tenant's network.
 	DiscoveryCHAP *chap.Credentials
-	Line          int
+	// Network is [tenant.network]: the network a cluster node makes for the tenant when it
+	// takes it over; nil: the namespace is made by someone else.
+	Network *tenantnet.Spec
+	Line    int
 }
 
 // Target is one [[tenant.target]].
@@ -387,7 +398,11 @@ func (v *validator) config(raw map[string]any) *Config {
 		cfg.Server.DataDir = v.dir(st, "data_dir", DefaultDataDir)
 		cfg.Server.DataDirLine = v.pos.line("server.data_dir")
 		v.serverRuntime(st, &cfg.Server)
+		v.backendKeys(st, &cfg.Server)
 		st.done()
+	}
+	if ct := root.sub("cluster"); ct != nil {
+		cfg.Cluster = v.cluster(ct, &cfg.Server)
 	}
 	for _, tt := range root.tables("tenant") {
 		cfg.Tenants = append(cfg.Tenants, v.tenant(tt, &cfg.Server))
@@ -444,6 +459,9 @@ func (v *validator) tenant(t *table, srv *Server) *Tenant {
 	if lt := t.sub("limits"); lt != nil {
 		tn.Limits = v.limits(lt, srv.Limits)
 		v.limitsWithinServer(lt, tn.Limits, srv)
+	}
+	if nt := t.sub("network"); nt != nil {
+		tn.Network = v.network(nt)
 	}
 	t.done()
 	return tn

@@ -49,6 +49,7 @@ func defaultServer() Server {
 		Limits:      DefaultLimits(),
 		// Early enough to act on (add capacity, trim volumes) before writes start failing.
 		PoolSoftThreshold: 80,
+		Backend:           BackendFile,
 		// The socket's directory is created 0700 by serve; the socket itself is 0600.
 		ControlSocket: DefaultControlSocket,
 	}

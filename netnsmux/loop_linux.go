@@ -405,7 +405,10 @@ func (m *Mux) acceptOn(l *listener, out []*Conn) []*Conn {
 			continue
 		}
 		tc, ok := nc.(*net.TCPConn)
-		if !ok {
+		if !ok || tc.RemoteAddr() == nil {
+			// No peer address: the client reset the connection between the handshake and
+			// accept (getpeername fails). Nothing can be served on it, and no caller should
+			// ever have to expect a Conn without a RemoteAddr.
 			nc.Close()
 			continue
 		}

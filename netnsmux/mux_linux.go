@@ -421,6 +421,8 @@ func growFDTable(n int) {
 	unix.Close(fd)
 }
 
+func reserveFDs(n int) { growFDTable(n) }
+
 // teardown releases everything Run acquired, in an order that never leaves a worker in a
 // namespace: handles first (workers get pinged and go home), then the pool (which sends every
 // worker home and ends it).

@@ -114,6 +114,18 @@ type Stats struct {
 // Close closes the connection and forgets it.
 func (c *Conn) Close() error { return c.close() }
 
+// ReserveFDs sizes this process's fd table for n descriptors now (n <= 0: the 16384 New uses),
+// capped by RLIMIT_NOFILE. Every doubling of the table of a multi-threaded process waits for an
+// RCU grace period (~15 ms measured), so a program that opens many files before New (a server
+// opening a volume per tenant) calls this first: one expansion instead of one per doubling.
+// New does it too; a table already that large costs nothing more.
+func ReserveFDs(n int) {
+	if n <= 0 {
+		n = fdTableSize
+	}
+	reserveFDs(n)
+}
+
 // New prepares a Mux; nothing is watched until Run. It starts the worker pool (Do works before
 // Run); Close releases it.
 func New(opts Options) (*Mux, error) { return newMux(opts) }

@@ -276,7 +276,9 @@ func (c *control) status(only string) (*status, error) {
 	svc := c.svc.Load()
 	if svc != nil {
 		cfg = svc.current()
-		out.Pool = poolStatusOf(svc.pool, cfg.Server.DataDir, cfg.Server.PoolSoftThreshold)
+		if svc.pool != nil {
+			out.Pool = poolStatusOf(svc.pool, cfg.Server.DataDir, cfg.Server.PoolSoftThreshold)
+		}
 	}
 	for _, tn := range cfg.Tenants {
 		if only != "" && tn.Name != only {

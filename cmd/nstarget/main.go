@@ -335,7 +335,9 @@ func cmdServe(args []string, stderr io.Writer) error {
 		svc.reloading, svc.reloaded = sd.Reloading, sd.Ready
 		ctl.svc.Store(svc)
 		exp.mux.Store(svc.mux)
-		exp.pool.Store(svc.pool)
+		if svc.pool != nil {
+			exp.pool.Store(svc.pool)
+		}
 		ready.started()
 	}
 	return serve(ctx, cfg, serveOptions{Logger: log, OnEvent: onEvent, OnService: onService, OnServer: func(s *target.Server) {

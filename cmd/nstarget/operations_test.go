@@ -5,6 +5,8 @@ import (
 	"runtime/debug"
 	"strings"
 	"testing"
+
+	"nstarget/backend/rbd"
 )
 
 func TestVersionPrefersTheLinkedVersionThenModuleThenVCS(t *testing.T) {
@@ -31,14 +33,15 @@ func TestVersionPrefersTheLinkedVersionThenModuleThenVCS(t *testing.T) {
 	}
 }
 
-func TestVersionCommandPrintsNameVersionAndGo(t *testing.T) {
+func TestVersionCommandPrintsNameVersionGoAndBackends(t *testing.T) {
 	var out, errOut bytes.Buffer
 	if code := run([]string{"version"}, &out, &errOut); code != exitOK {
 		t.Fatalf("exit %d: %s", code, errOut.String())
 	}
 	f := strings.Fields(out.String())
-	if len(f) != 3 || f[0] != "nstarget" || f[1] == "" || !strings.HasPrefix(f[2], "go") {
-		t.Fatalf("version printed %q, want \"nstarget VERSION goX.Y\"", out.String())
+	if len(f) != 4 || f[0] != "nstarget" || f[1] == "" || !strings.HasPrefix(f[2], "go") || !strings.HasPrefix(f[3], "backends=file") ||
+		strings.Contains(f[3], "rbd") != rbd.Compiled {
+		t.Fatalf("version printed %q, want \"nstarget VERSION goX.Y backends=file[,rbd]\"", out.String())
 	}
 }
 

@@ -41,7 +41,7 @@ func (w *poolWatch) observe(used float64) (crossed, cleared bool) {
 // watchPool checks the pool's fill level every poolCheckEvery until ctx is done. serve owns
 // the goroutine that runs it.
 func (s *service) watchPool(ctx context.Context, threshold int) {
-	if threshold <= 0 {
+	if threshold <= 0 || s.pool == nil {
 		return
 	}
 	w := poolWatch{threshold: float64(threshold)}

@@ -21,10 +21,11 @@ import (
 // the tenants built from it. Reloads are serialised by reloadMu; mu guards cfg and byNetns
 // against the accept loop, status and event logging, which read them.
 type service struct {
-	log  *slog.Logger
-	pool *backend.Pool
-	srv  *target.Server
-	mux  *netnsmux.Mux
+	log   *slog.Logger
+	store volumeStore
+	pool  *backend.Pool // the file pool whose fill level is watched; nil for rbd
+	srv   *target.Server
+	mux   *netnsmux.Mux
 
 	reloadMu sync.Mutex
 	retiring sync.WaitGroup // tenants and volumes being taken out of service in the background
@@ -89,7 +90,23 @@ func (s *service) reload() ([]string, error) {
 	if err != nil {
 		return nil, indentErrors(err)
 	}
-	if err := cfg.CheckVolumes(s.pool.Check); err != nil {
+	if old.Cluster != nil {
+		// A cluster node's tenants come from etcd; its file holds only its own keys.
+		if len(cfg.Tenants) > 0 {
+			return nil, fmt.Errorf("%s:%d: tenant: a cluster node's file has no tenants: publish them with `nstarget cluster apply`", cfg.File, cfg.Tenants[0].Line)
+		}
+		cfg.Tenants = old.Tenants
+	}
+	return s.applyLocked(cfg, nil)
+}
+
+// applyLocked makes cfg the configuration in force, touching only what differs (reloadMu
+// held). Removed tenants are closed in the background, their sessions given retireTimeout to
+// log out; with closeCtx they are closed before it returns, given until closeCtx is done (a
+// cluster node's planned release must let go of the volumes before the next owner opens them).
+func (s *service) applyLocked(cfg *conf.Config, closeCtx context.Context) ([]string, error) {
+	old := s.current()
+	if err := cfg.CheckVolumes(s.store.Check); err != nil {
 		return nil, indentErrors(err)
 	}
 	if err := restartOnly(old, cfg); err != nil {
@@ -99,6 +116,7 @@ func (s *service) reload() ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
+	plan.closeCtx = closeCtx
 	if err := plan.build(s); err != nil {
 		return nil, err
 	}
@@ -121,6 +139,10 @@ func restartOnly(old, cfg *conf.Config) error {
 	check("max_connections", o.MaxConnections == n.MaxConnections)
 	check("nop_interval", o.NopInterval == n.NopInterval)
 	check("nop_timeout", o.NopTimeout == n.NopTimeout)
+	check("backend", o.Backend == n.Backend && o.RBD == n.RBD)
+	if (old.Cluster == nil) != (cfg.Cluster == nil) || (old.Cluster != nil && !old.Cluster.Same(cfg.Cluster)) {
+		why = append(why, fmt.Sprintf("%s: [cluster] changed: %v", cfg.File, errRestartNeeded))
+	}
 	if len(why) > 0 {
 		return fmt.Errorf("%s", strings.Join(why, "\n"))
 	}
@@ -129,10 +151,11 @@ func restartOnly(old, cfg *conf.Config) error {
 
 // reloadPlan is the difference between the configuration in force and the new one.
 type reloadPlan struct {
-	remove  []*tenantRun
-	add     []*conf.Tenant
-	built   []*tenantRun // add, built
-	changes []tenantChange
+	closeCtx context.Context // non-nil: close removed tenants before apply returns
+	remove   []*tenantRun
+	add      []*conf.Tenant
+	built    []*tenantRun // add, built
+	changes  []tenantChange
 }
 
 type tenantChange struct {
@@ -299,7 +322,7 @@ func (p *reloadPlan) build(s *service) error {
 		}
 	}
 	for _, tn := range p.add {
-		rt, err := buildTenant(s.pool, s.srv, tn)
+		rt, err := buildTenant(s.store, s.srv, tn)
 		if err != nil {
 			undo()
 			return err
@@ -310,7 +333,7 @@ func (p *reloadPlan) build(s *service) error {
 		ch := &p.changes[i]
 		ch.builtTgts = make(map[string]*targetRun, len(ch.addTgts))
 		for iqn, tc := range ch.addTgts {
-			tr, err := buildTarget(s.pool, s.srv, ch.cfg, tc)
+			tr, err := buildTarget(s.store, s.srv, ch.cfg, tc)
 			if err != nil {
 				undo()
 				return err
@@ -320,7 +343,7 @@ func (p *reloadPlan) build(s *service) error {
 		for _, d := range ch.luns {
 			d.built = make(map[uint64]lunRun, len(d.add))
 			for _, l := range d.add {
-				lr, err := buildLUN(s.pool, ch.cfg, d.tc, l)
+				lr, err := buildLUN(s.store, ch.cfg, d.tc, l)
 				if err != nil {
 					undo()
 					return err
@@ -348,13 +371,19 @@ func (p *reloadPlan) apply(s *service, cfg *conf.Config) []string {
 
 	for _, rt := range p.remove {
 		s.mux.Unlisten(rt.cfg.Netns, rt.cfg.Portal)
-		s.retiring.Add(1)
-		go func() {
-			defer s.retiring.Done()
-			ctx, cancel := context.WithTimeout(context.Background(), retireTimeout)
-			defer cancel()
-			closeTenantRun(s, rt, ctx)
-		}()
+	}
+	for _, rt := range p.remove {
+		if p.closeCtx != nil {
+			closeTenantRun(s, rt, p.closeCtx)
+		} else {
+			s.retiring.Add(1)
+			go func() {
+				defer s.retiring.Done()
+				ctx, cancel := context.WithTimeout(context.Background(), retireTimeout)
+				defer cancel()
+				closeTenantRun(s, rt, ctx)
+			}()
+		}
 		out = append(out, fmt.Sprintf("tenant %s removed (netns %s): its sessions are asked to log out", rt.cfg.Name, rt.cfg.Netns))
 	}
 	for _, rt := range p.built {
@@ -427,6 +456,25 @@ func (ch *tenantChange) apply(s *service) []string {
 	ch.rt.cfg = ch.cfg
 	s.mu.Unlock()
 	return out
+}
+
+// stopServing closes every tenant's listener and connections at once, without waiting for a
+// reload in progress; the tenants are then removed by a reload (applyLocked) as usual.
+func (s *service) stopServing() {
+	s.mu.RLock()
+	rts := make([]*tenantRun, 0, len(s.byNetns))
+	for _, rt := range s.byNetns {
+		rts = append(rts, rt)
+	}
+	s.mu.RUnlock()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	var wg sync.WaitGroup
+	for _, rt := range rts {
+		s.mux.Unlisten(rt.cfg.Netns, rt.cfg.Portal)
+		wg.Go(func() { s.srv.CloseTenant(ctx, rt.t) })
+	}
+	wg.Wait()
 }
 
 // closeTenantRun takes a tenant out of service and closes its volumes once its sessions are

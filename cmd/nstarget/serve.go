@@ -4,9 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
-	"os"
 	"sync"
 	"time"
 
@@ -29,20 +27,6 @@ type serveOptions struct {
 	// OnService, if set, receives the running service once every tenant is set up (to reload
 	// it); it must not block.
 	OnService func(*service)
-}
-
-// checkPool runs the pool's shrink and name checks without creating anything: if data_dir does
-// not exist yet, no volume exists that could be shrunk.
-func checkPool(cfg *conf.Config) error {
-	if _, err := os.Stat(cfg.Server.DataDir); errors.Is(err, fs.ErrNotExist) {
-		return nil
-	}
-	pool, err := backend.OpenPool(cfg.Server.DataDir)
-	if err != nil {
-		return cfg.DataDirError(err)
-	}
-	defer pool.Close()
-	return cfg.CheckVolumes(pool.Check)
 }
 
 // tenantRun is a tenant being served: what the accept loop needs to hand a connection to the
@@ -97,17 +81,17 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 	// Before the volumes are opened (one fd each): one fd-table expansion now instead of one
 	// RCU grace period per doubling while a thousand volumes open (netnsmux.ReserveFDs).
 	netnsmux.ReserveFDs(0)
-	pool, err := backend.OpenPool(cfg.Server.DataDir)
+	store, pool, err := openStore(cfg)
 	if err != nil {
-		return cfg.DataDirError(err)
+		return err
 	}
 	defer func() {
-		if cerr := pool.Close(); cerr != nil && err == nil {
-			err = fmt.Errorf("close pool: %w", cerr)
+		if cerr := store.Close(); cerr != nil && err == nil {
+			err = fmt.Errorf("close volumes: %w", cerr)
 		}
 	}()
-	// Checked again now that the pool is ours: a volume may have changed since check.
-	if err := cfg.CheckVolumes(pool.Check); err != nil {
+	// Checked again now that the volumes are ours: one may have changed since check.
+	if err := cfg.CheckVolumes(store.Check); err != nil {
 		return err
 	}
 
@@ -115,9 +99,9 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 	if opts.OnServer != nil {
 		opts.OnServer(srv)
 	}
-	svc := &service{log: log, pool: pool, srv: srv, cfg: cfg, byNetns: make(map[string]*tenantRun, len(cfg.Tenants)), drained: make(chan struct{})}
+	svc := &service{log: log, store: store, pool: pool, srv: srv, cfg: cfg, byNetns: make(map[string]*tenantRun, len(cfg.Tenants)), drained: make(chan struct{})}
 	for _, tn := range cfg.Tenants {
-		rt, err := buildTenant(pool, srv, tn)
+		rt, err := buildTenant(store, srv, tn)
 		if err != nil {
 			return err
 		}
@@ -175,17 +159,33 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 	if opts.OnService != nil {
 		opts.OnService(svc)
 	}
+	// A cluster node leaves the cluster first when it stops: every tenant released, so the
+	// other nodes take them over without waiting for this node's lease to expire.
+	clusterCtx, stopCluster := context.WithCancel(ctx)
+	defer stopCluster()
+	clusterDone := make(chan error, 1)
+	if cfg.Cluster != nil {
+		go func() { clusterDone <- runClusterNode(clusterCtx, svc, cfg, log) }()
+	}
 	log.Info("serving", "version", version(), "tenants", len(cfg.Tenants), "data_dir", cfg.Server.DataDir, "netns_dir", cfg.Server.NetnsDir,
 		"max_buffer", cfg.Server.MaxBuffer, "max_connections", cfg.Server.MaxConnections,
 		"nop_interval", cfg.Server.NopInterval, "nop_timeout", cfg.Server.NopTimeout)
 
-	var runErr error
+	var runErr, clusterErr error
 	select {
 	case <-ctx.Done():
 		log.Info("shutting down", "cause", context.Cause(ctx))
 	case runErr = <-runDone:
 		runDone <- runErr
 		log.Error("namespace multiplexer stopped", "err", runErr)
+	case clusterErr = <-clusterDone:
+		// Only a node that cannot take part (no etcd, a bad [cluster]) stops on its own.
+		clusterDone <- clusterErr
+		log.Error("cluster node stopped", "err", clusterErr)
+	}
+	if cfg.Cluster != nil {
+		stopCluster()
+		clusterErr = <-clusterDone
 	}
 	stopAccept()
 	<-acceptDone
@@ -215,17 +215,20 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 	if runErr != nil {
 		return fmt.Errorf("netnsmux: %w", runErr)
 	}
+	if clusterErr != nil {
+		return fmt.Errorf("cluster: %w", clusterErr)
+	}
 	log.Info("stopped")
 	return nil
 }
 
 // buildTenant opens the tenant's volumes and registers the tenant, with its limits, and its
 // targets. Volumes stay open until the pool is closed.
-func buildTenant(pool *backend.Pool, srv *target.Server, tn *conf.Tenant) (*tenantRun, error) {
+func buildTenant(store volumeStore, srv *target.Server, tn *conf.Tenant) (*tenantRun, error) {
 	rt := &tenantRun{cfg: tn, t: srv.NewTenant(tn.Name, targetLimits(tn.Limits)), targets: make(map[string]*targetRun)}
 	rt.t.DiscoveryCHAP = tn.DiscoveryCHAP
 	for _, tc := range tn.Targets {
-		tr, err := buildTarget(pool, srv, tn, tc)
+		tr, err := buildTarget(store, srv, tn, tc)
 		if err != nil {
 			// Undo: nothing of the tenant stays open or registered; the error that matters
 			// is err.
@@ -243,10 +246,10 @@ func buildTenant(pool *backend.Pool, srv *target.Server, tn *conf.Tenant) (*tena
 
 // buildTarget opens the volumes of tc's LUNs and makes the target. On failure nothing stays
 // open.
-func buildTarget(pool *backend.Pool, srv *target.Server, tn *conf.Tenant, tc *conf.Target) (*targetRun, error) {
+func buildTarget(store volumeStore, srv *target.Server, tn *conf.Tenant, tc *conf.Target) (*targetRun, error) {
 	tr := &targetRun{luns: make(map[uint64]lunRun, len(tc.LUNs))}
 	for _, l := range tc.LUNs {
-		lr, err := buildLUN(pool, tn, tc, l)
+		lr, err := buildLUN(store, tn, tc, l)
 		if err != nil {
 			tr.closeVolumes() // the error that matters is err
 			return nil, err
@@ -263,8 +266,8 @@ func buildTarget(pool *backend.Pool, srv *target.Server, tn *conf.Tenant, tc *co
 }
 
 // buildLUN opens the volume of one LUN and makes its LU; on failure nothing stays open.
-func buildLUN(pool *backend.Pool, tn *conf.Tenant, tc *conf.Target, l *conf.LUN) (lunRun, error) {
-	vol, err := pool.Open(l.Volume, l.Size)
+func buildLUN(store volumeStore, tn *conf.Tenant, tc *conf.Target, l *conf.LUN) (lunRun, error) {
+	vol, err := store.Open(l.Volume, l.Size)
 	if err != nil {
 		return lunRun{}, fmt.Errorf("tenant %s: target %s: LUN %d: %w", tn.Name, tc.IQN, l.ID, err)
 	}

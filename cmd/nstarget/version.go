@@ -3,6 +3,8 @@ package main
 import (
 	"runtime"
 	"runtime/debug"
+
+	"nstarget/backend/rbd"
 )
 
 // buildVersion is set at link time by the Makefile from `git describe --always --dirty`
@@ -11,10 +13,15 @@ import (
 var buildVersion string
 
 // version is what `nstarget version` prints and the startup line shows:
-// "nstarget VERSION GOVERSION".
+// "nstarget VERSION GOVERSION backends=file[,rbd]": which volume backends this binary has
+// (rbd needs librbd and the rbd build tag).
 func version() string {
 	bi, ok := debug.ReadBuildInfo()
-	return "nstarget " + versionOf(buildVersion, bi, ok) + " " + runtime.Version()
+	backends := "file"
+	if rbd.Compiled {
+		backends += ",rbd"
+	}
+	return "nstarget " + versionOf(buildVersion, bi, ok) + " " + runtime.Version() + " backends=" + backends
 }
 
 // versionOf picks the most precise version available: the linked one, else the module version

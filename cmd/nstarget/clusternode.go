@@ -1,0 +1,217 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"os"
+	"slices"
+	"sync"
+	"time"
+
+	"nstarget/cluster"
+	"nstarget/conf"
+	"nstarget/tenantnet"
+)
+
+// A cluster node serves the tenants etcd says it owns. It applies them the way a reload does:
+// the node's own file (its [server] and [cluster] keys) followed by the published tenants is
+// one configuration, narrowed to the owned tenants, and applyLocked changes only what differs.
+// Taking a tenant over fences the previous owner's images (rbdStore opens with Fence) and
+// brings the tenant's network up (tenantnet) before the tenant is served.
+
+// releaseTimeout bounds how long the sessions of a tenant that moves away get to log out:
+// the next owner waits for the release, so it is shorter than a reload's retireTimeout.
+const releaseTimeout = 3 * time.Second
+
+// clusterNode is serve's cluster.Handler.
+type clusterNode struct {
+	svc  *service
+	log  *slog.Logger
+	file string
+	own  []byte // the node's file as read at start: its [server] and [cluster] sections
+
+	mu    sync.Mutex
+	owned map[string]bool
+	nets  map[string]*tenantnet.Net // by tenant: the networks this node made
+	doc   cluster.Doc
+}
+
+// runClusterNode joins the cluster and serves what it is given until ctx is done, then
+// leaves it cleanly (every tenant released, so the others take them without waiting for the
+// lease). serve owns the goroutine that runs it.
+func runClusterNode(ctx context.Context, svc *service, cfg *conf.Config, log *slog.Logger) error {
+	own, err := os.ReadFile(cfg.File)
+	if err != nil {
+		return err
+	}
+	n := &clusterNode{svc: svc, log: log, file: cfg.File, own: own, owned: map[string]bool{}, nets: map[string]*tenantnet.Net{}}
+	c := cfg.Cluster
+	node, err := cluster.New(cluster.Config{Endpoints: c.Endpoints, Name: c.Name, Address: c.Address, Prefix: c.Prefix,
+		LeaseTTL: c.LeaseTTL, Logger: log}, n)
+	if err != nil {
+		return err
+	}
+	log.Info("joining the cluster", "node", c.Name, "endpoints", c.Endpoints, "prefix", c.Prefix, "lease_ttl", c.LeaseTTL)
+	err = node.Run(ctx)
+	n.stopAll() // whatever is still held (nothing after a clean leave) goes now
+	if errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}
+
+// configFor is the configuration with the tenants of doc that are in names.
+func (n *clusterNode) configFor(doc cluster.Doc, names map[string]bool) (*conf.Config, error) {
+	data := slices.Concat(n.own, []byte("\n"), doc.Body)
+	cfg, err := conf.Parse(n.file, data)
+	if err != nil {
+		return nil, fmt.Errorf("published tenants (revision %d) behind %s: %w", doc.Revision, n.file, err)
+	}
+	cfg.Tenants = slices.DeleteFunc(cfg.Tenants, func(t *conf.Tenant) bool { return !names[t.Name] })
+	return cfg, nil
+}
+
+func (n *clusterNode) Acquire(ctx context.Context, tenant string, doc cluster.Doc) error {
+	n.svc.reloadMu.Lock()
+	defer n.svc.reloadMu.Unlock()
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	n.mu.Lock()
+	names := map[string]bool{tenant: true}
+	for t := range n.owned {
+		names[t] = true
+	}
+	n.mu.Unlock()
+	cfg, err := n.configFor(doc, names)
+	if err != nil {
+		return err
+	}
+	i := slices.IndexFunc(cfg.Tenants, func(t *conf.Tenant) bool { return t.Name == tenant })
+	if i < 0 {
+		return fmt.Errorf("tenant %s is not in the published set (revision %d)", tenant, doc.Revision)
+	}
+	tn := cfg.Tenants[i]
+	t0 := time.Now()
+	var tnet *tenantnet.Net
+	if tn.Network != nil {
+		spec := *tn.Network
+		if spec.Parent == "" {
+			if spec.Parent = cfg.Cluster.Uplink; spec.Parent == "" {
+				return fmt.Errorf("tenant %s: its network names no parent and [cluster] uplink is not set on node %s", tenant, cfg.Cluster.Name)
+			}
+		}
+		if tnet, err = tenantnet.Up(cfg.Server.NetnsDir, tn.Netns, spec); err != nil {
+			return err
+		}
+	}
+	if _, err := n.svc.applyLocked(cfg, nil); err != nil {
+		if tnet != nil {
+			tnet.Down()
+		}
+		return fmt.Errorf("tenant %s: %w", tenant, err)
+	}
+	n.mu.Lock()
+	n.owned[tenant], n.doc = true, doc
+	if tnet != nil {
+		n.nets[tenant] = tnet
+	}
+	n.mu.Unlock()
+	n.log.Info("tenant taken over", "tenant", tenant, "netns", tn.Netns, "revision", doc.Revision, "took", time.Since(t0))
+	return nil
+}
+
+// drop stops serving the tenants not in keep, and closes their sessions before it returns
+// (giving them until ctx is done to log out), so their images are unlocked when it returns.
+func (n *clusterNode) drop(ctx context.Context, keep map[string]bool) {
+	n.mu.Lock()
+	doc := n.doc
+	var gone []string
+	for t := range n.owned {
+		if !keep[t] {
+			gone = append(gone, t)
+		}
+	}
+	n.mu.Unlock()
+	if len(gone) == 0 {
+		return
+	}
+	cur := n.svc.current()
+	next := *cur
+	next.Tenants = slices.DeleteFunc(slices.Clone(cur.Tenants), func(t *conf.Tenant) bool { return !keep[t.Name] })
+	if _, err := n.svc.applyLocked(&next, ctx); err != nil {
+		n.log.Error("cluster: releasing tenants", "tenants", gone, "revision", doc.Revision, "err", err)
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for _, t := range gone {
+		delete(n.owned, t)
+		if tnet := n.nets[t]; tnet != nil {
+			if err := tnet.Down(); err != nil {
+				n.log.Warn("cluster: tenant network not removed", "tenant", t, "err", err)
+			}
+			delete(n.nets, t)
+		}
+	}
+}
+
+func (n *clusterNode) Release(tenant string) {
+	n.svc.reloadMu.Lock()
+	defer n.svc.reloadMu.Unlock()
+	n.mu.Lock()
+	keep := map[string]bool{}
+	for t := range n.owned {
+		keep[t] = t != tenant
+	}
+	n.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), releaseTimeout)
+	defer cancel()
+	n.drop(ctx, keep)
+	n.log.Info("tenant released", "tenant", tenant)
+}
+
+func (n *clusterNode) Update(doc cluster.Doc) {
+	n.svc.reloadMu.Lock()
+	defer n.svc.reloadMu.Unlock()
+	n.mu.Lock()
+	names := maps.Clone(n.owned)
+	n.mu.Unlock()
+	cfg, err := n.configFor(doc, names)
+	if err == nil {
+		_, err = n.svc.applyLocked(cfg, nil)
+	}
+	if err != nil {
+		n.log.Error("cluster: the published tenants cannot be applied; the ones in force keep running", "revision", doc.Revision, "err", err)
+		return
+	}
+	n.mu.Lock()
+	n.doc = doc
+	n.mu.Unlock()
+	n.log.Info("cluster: published tenants applied", "revision", doc.Revision)
+}
+
+// Lost stops serving everything at once, and gets a new ceph client for what comes next.
+func (n *clusterNode) Lost() {
+	n.stopAll()
+	// Whoever takes the tenants fences this node's rados client; the next tenants this node
+	// acquires need a client that is not blocklisted.
+	if rs, ok := n.svc.store.(*rbdStore); ok {
+		if err := rs.reconnect(); err != nil {
+			n.log.Error("cluster: new ceph client", "err", err)
+		}
+	}
+}
+
+// stopAll stops serving every tenant: listeners and connections first, without waiting for
+// a reload in progress (an Acquire may be stuck on an unreachable cluster), then the rest.
+func (n *clusterNode) stopAll() {
+	n.svc.stopServing()
+	n.svc.reloadMu.Lock()
+	defer n.svc.reloadMu.Unlock()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel() // nobody is asked to log out: the lease is gone
+	n.drop(ctx, nil)
+}

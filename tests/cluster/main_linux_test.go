@@ -1,0 +1,437 @@
+// Package cluster_test runs nstarget as a cluster: three node processes, a throwaway Ceph
+// cluster (tests/cephtest) for the volumes, an etcd in the test process (tests/etcdtest) for
+// ownership, and a shared "switch" namespace where the initiators live, reached by each node
+// through its own uplink (a veth into the switch's bridge). Each node reaches etcd through a
+// proxy of the test's, so the test can cut one node off (a partition) without touching etcd.
+package cluster_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"nstarget/tests/cephtest"
+	"nstarget/tests/etcdtest"
+)
+
+var (
+	bin    string
+	ceph   *cephtest.Cluster
+	etcd   *etcdtest.Server
+	prefix string // namespaces, interfaces, volumes and keys of this run
+)
+
+// patience bounds every wait for an event; a wait that passes is as fast as the event.
+const patience = 90 * time.Second
+
+func TestMain(m *testing.M) { os.Exit(runTests(m)) }
+
+func runTests(m *testing.M) int {
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, "tests/cluster: needs root (namespaces, veths)")
+		return 1
+	}
+	dir, err := os.MkdirTemp("", "nstc")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	bin = filepath.Join(dir, "nstarget")
+	if out, err := exec.Command("go", "build", "-race", "-tags", "rbd", "-o", bin, "nstarget/cmd/nstarget").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "tests/cluster: go build -tags rbd (librbd-dev: run scripts/deps.sh): %v\n%s", err, out)
+		return 1
+	}
+	if ceph, err = cephtest.Start(filepath.Join(dir, "ceph")); err != nil {
+		fmt.Fprintf(os.Stderr, "tests/cluster: ceph (run scripts/deps.sh): %v\n", err)
+		return 1
+	}
+	defer ceph.Stop()
+	if etcd, err = etcdtest.Start(filepath.Join(dir, "etcd"), patience); err != nil {
+		fmt.Fprintln(os.Stderr, "tests/cluster:", err)
+		return 1
+	}
+	defer etcd.Stop()
+	// A -race binary sleeps 1 s at exit by default; the CLI commands would wait for nothing.
+	os.Setenv("GORACE", "atexit_sleep_ms=0")
+	prefix = fmt.Sprintf("nc%d", os.Getpid()%100000)
+	return m.Run()
+}
+
+func run(t *testing.T, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), patience)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, args[0], args[1:]...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+func waitFor(t *testing.T, what string, fn func() error) {
+	t.Helper()
+	deadline := time.Now().Add(patience)
+	for {
+		err := fn()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s: %v", what, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// ---- the network: a switch namespace with a bridge, one uplink per node ----
+
+const initiatorAddr = "10.7.0.100"
+
+func makeSwitch(t *testing.T) string {
+	sw := prefix + "-sw"
+	run(t, "ip", "netns", "add", sw)
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", sw).Run() })
+	run(t, "ip", "-n", sw, "link", "set", "lo", "up")
+	run(t, "ip", "-n", sw, "link", "add", "br0", "type", "bridge")
+	run(t, "ip", "-n", sw, "addr", "add", initiatorAddr+"/24", "dev", "br0")
+	run(t, "ip", "-n", sw, "link", "set", "br0", "up")
+	return sw
+}
+
+// uplink is a veth whose other end is a port of the switch's bridge.
+func uplink(t *testing.T, sw, name string) {
+	run(t, "ip", "link", "add", name, "type", "veth", "peer", "name", name+"p", "netns", sw)
+	t.Cleanup(func() { exec.Command("ip", "link", "del", name).Run() })
+	run(t, "ip", "-n", sw, "link", "set", name+"p", "master", "br0")
+	run(t, "ip", "-n", sw, "link", "set", name+"p", "up")
+	run(t, "ip", "link", "set", name, "up")
+}
+
+// ---- a proxy in front of etcd that can go silent (a partition) ----
+
+type proxy struct {
+	ln     net.Listener
+	target string
+	cut    atomic.Bool
+	mu     sync.Mutex
+	conns  []net.Conn
+}
+
+func newProxy(t *testing.T, target string) *proxy {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &proxy{ln: ln, target: strings.TrimPrefix(target, "http://")}
+	t.Cleanup(func() { ln.Close(); p.drop() })
+	go p.serve()
+	return p
+}
+
+func (p *proxy) url() string { return "http://" + p.ln.Addr().String() }
+
+func (p *proxy) serve() {
+	for {
+		c, err := p.ln.Accept()
+		if err != nil {
+			return
+		}
+		p.mu.Lock()
+		p.conns = append(p.conns, c)
+		p.mu.Unlock()
+		go func() {
+			u, err := net.Dial("tcp", p.target)
+			if err != nil {
+				c.Close()
+				return
+			}
+			p.mu.Lock()
+			p.conns = append(p.conns, u)
+			p.mu.Unlock()
+			go p.pipe(u, c)
+			p.pipe(c, u)
+		}()
+	}
+}
+
+// pipe copies src to dst, dropping everything while the proxy is cut: silence, not an error,
+// as a partitioned network behaves.
+func (p *proxy) pipe(dst, src net.Conn) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 && !p.cut.Load() {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			dst.Close()
+			return
+		}
+	}
+}
+
+func (p *proxy) drop() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, c := range p.conns {
+		c.Close()
+	}
+	p.conns = nil
+}
+
+// heal ends the partition; connections that lost bytes are closed so clients reconnect.
+func (p *proxy) heal() {
+	p.drop()
+	p.cut.Store(false)
+}
+
+// ---- nodes ----
+
+type node struct {
+	t      *testing.T
+	name   string
+	up     string // its uplink
+	cfg    string
+	sock   string
+	proxy  *proxy
+	cmd    *exec.Cmd
+	done   chan struct{}
+	mu     sync.Mutex
+	lines  []string
+	starts int
+}
+
+func newNode(t *testing.T, dir, sockDir, name, up string) *node {
+	n := &node{t: t, name: name, up: up, cfg: filepath.Join(dir, name+".toml"), sock: filepath.Join(sockDir, name+".sock"),
+		proxy: newProxy(t, etcd.URL)}
+	nsDir := filepath.Join(dir, name+"-netns")
+	doc := fmt.Sprintf(`[server]
+netns_dir = %q
+data_dir = %q
+control_socket = %q
+backend = "rbd"
+  [server.rbd]
+  conf = %q
+  pool = %q
+  op_timeout = "10s"
+
+[cluster]
+endpoints = [%q]
+name = %q
+uplink = %q
+lease_ttl = "2s"
+prefix = "/%s"
+`, nsDir, filepath.Join(dir, name+"-data"), n.sock, ceph.ConfPath, ceph.Pool, n.proxy.url(), name, up, prefix)
+	if err := os.WriteFile(n.cfg, []byte(doc), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		n.kill()
+		// A killed node leaves its tenants' namespaces mounted: the machine "died".
+		if ents, err := os.ReadDir(nsDir); err == nil {
+			for _, e := range ents {
+				p := filepath.Join(nsDir, e.Name())
+				syscall.Unmount(p, syscall.MNT_DETACH)
+				os.Remove(p)
+			}
+		}
+		if t.Failed() {
+			t.Logf("node %s log:\n%s", name, n.log())
+		}
+	})
+	return n
+}
+
+func (n *node) start() {
+	n.t.Helper()
+	n.starts++
+	n.cmd = exec.Command(bin, "serve", "-c", n.cfg, "-log-format", "json")
+	stderr, err := n.cmd.StderrPipe()
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	if err := n.cmd.Start(); err != nil {
+		n.t.Fatal(err)
+	}
+	n.done = make(chan struct{})
+	go func(cmd *exec.Cmd, done chan struct{}) {
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		for sc.Scan() {
+			n.mu.Lock()
+			n.lines = append(n.lines, fmt.Sprintf("[%d] %s", n.starts, sc.Text()))
+			n.mu.Unlock()
+		}
+		cmd.Wait()
+		close(done)
+	}(n.cmd, n.done)
+}
+
+func (n *node) signal(sig syscall.Signal) { n.cmd.Process.Signal(sig) }
+
+func (n *node) kill() {
+	if n.cmd == nil {
+		return
+	}
+	n.cmd.Process.Signal(syscall.SIGCONT)
+	n.cmd.Process.Kill()
+	<-n.done
+}
+
+// stop is a planned leave: SIGTERM, and wait for the exit.
+func (n *node) stop() {
+	n.t.Helper()
+	n.signal(syscall.SIGTERM)
+	select {
+	case <-n.done:
+	case <-time.After(patience):
+		n.t.Fatalf("node %s did not stop within %v of SIGTERM", n.name, patience)
+	}
+}
+
+func (n *node) log() string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return strings.Join(n.lines, "\n")
+}
+
+// count counts log lines of the current start with msg and, if given, tenant.
+func (n *node) count(msg, tenant string) int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	c := 0
+	for _, l := range n.lines {
+		var m map[string]any
+		if !strings.HasPrefix(l, fmt.Sprintf("[%d] ", n.starts)) || json.Unmarshal([]byte(l[strings.Index(l, " ")+1:]), &m) != nil {
+			continue
+		}
+		if m["msg"] == msg && (tenant == "" || m["tenant"] == tenant) {
+			c++
+		}
+	}
+	return c
+}
+
+// ---- the cluster as a whole ----
+
+type status struct {
+	Tenants []struct {
+		Name, Owner, Placed string
+	} `json:"tenants"`
+}
+
+// owners returns each tenant's owner, and whether every tenant is owned where placement
+// puts it (no move pending).
+func owners(t *testing.T) (map[string]string, bool) {
+	t.Helper()
+	out := run(t, bin, "cluster", "status", "-endpoints", etcd.URL, "-prefix", "/"+prefix, "-o", "json")
+	var st status
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatalf("cluster status: %v: %s", err, out)
+	}
+	m := map[string]string{}
+	settled := true
+	for _, tn := range st.Tenants {
+		m[tn.Name] = tn.Owner
+		settled = settled && tn.Owner != "" && tn.Owner == tn.Placed
+	}
+	return m, settled
+}
+
+func tenantsDoc(n int) string {
+	var b bytes.Buffer
+	for i := range n {
+		fmt.Fprintf(&b, `
+[[tenant]]
+name = "t%d"
+portal = "10.7.0.%d:3260"
+  [tenant.network]
+  address = "10.7.0.%d/24"
+  [[tenant.target]]
+  iqn = "iqn.2026-12.org.nstarget:t%d"
+    [[tenant.target.lun]]
+    volume = "%s-t%d"
+    size = "16MiB"
+`, i, 10+i, 10+i, i, prefix, i)
+	}
+	return b.String()
+}
+
+// qio is an interactive qemu-io (libiscsi) in the switch namespace: one session that stays
+// logged in, and reconnects by itself when its target moves.
+type qio struct {
+	stdin io.WriteCloser
+	lines chan string // qemu-io's output, line by line; closed when it exits
+}
+
+func startQIO(t *testing.T, sw, url string) *qio {
+	cmd := exec.Command("ip", "netns", "exec", sw, "qemu-io", "-f", "raw", url)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pr, pw := io.Pipe()
+	cmd.Stdout, cmd.Stderr = pw, pw
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { cmd.Wait(); pw.Close() }()
+	t.Cleanup(func() { stdin.Close(); cmd.Process.Kill() })
+	q := &qio{stdin: stdin, lines: make(chan string, 64)}
+	go func() {
+		defer close(q.lines)
+		sc := bufio.NewScanner(pr)
+		for sc.Scan() {
+			// Interactive qemu-io prints its prompt before each answer.
+			line := strings.TrimSpace(sc.Text())
+			for strings.HasPrefix(line, "qemu-io>") {
+				line = strings.TrimSpace(strings.TrimPrefix(line, "qemu-io>"))
+			}
+			q.lines <- line
+		}
+	}()
+	return q
+}
+
+// do runs one command and returns nil once qemu-io reports it done, or an error with what it
+// said instead; a command that gets no answer within patience is an error too.
+func (q *qio) do(command string) error {
+	if _, err := io.WriteString(q.stdin, command+"\n"); err != nil {
+		return err
+	}
+	var said []string
+	deadline := time.After(patience)
+	for {
+		select {
+		case line, ok := <-q.lines:
+			if !ok {
+				return fmt.Errorf("%s: qemu-io ended: %s", command, strings.Join(said, " | "))
+			}
+			said = append(said, line)
+			switch {
+			case strings.Contains(line, "failed"), strings.Contains(line, "Pattern verification"):
+				return fmt.Errorf("%s: %s", command, strings.Join(said, " | "))
+			case strings.HasPrefix(line, "wrote "), strings.HasPrefix(line, "read "):
+				return nil
+			}
+		case <-deadline:
+			return fmt.Errorf("%s: no answer within %v: %s", command, patience, strings.Join(said, " | "))
+		}
+	}
+}
