@@ -10,6 +10,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"runtime"
 	"runtime/debug"
 	"strconv"
 	"sync"
@@ -439,11 +440,37 @@ func (c *conn) carryOut(logs []logRecord) {
 
 func (c *conn) readLoop() error {
 	var h bhs
+	// A connection whose initiator keeps it full never waits for input, and runs its
+	// commands inline: without a turn given up now and then, every other connection would
+	// wait for the scheduler to preempt it. A turn is fairQuantum PDUs per tenant, shared by
+	// the tenant's connections that are busy at the same time, so a tenant's share of turns
+	// does not grow with the connections it opens.
+	burst := 0    // PDUs handled since the reader last waited for input
+	busy := false // counted in the tenant's busy readers
+	defer func() {
+		if busy {
+			c.tenant.busyReaders.Add(-1)
+		}
+	}()
 	for {
 		if c.br.Buffered() < bhsLen {
 			// About to block for input: write what this goroutine produced first.
 			c.readerBusy.Store(false)
 			c.readerFlush()
+			burst = 0
+			if busy {
+				busy = false
+				c.tenant.busyReaders.Add(-1)
+			}
+		} else {
+			if !busy {
+				busy = true
+				c.tenant.busyReaders.Add(1)
+			}
+			if burst++; burst >= max(1, fairQuantum/int(c.tenant.busyReaders.Load())) {
+				burst = 0
+				runtime.Gosched()
+			}
 		}
 		ahs, err := c.pr.readHeader(&h)
 		if err != nil {
@@ -504,6 +531,11 @@ func (c *conn) readLoop() error {
 const (
 	inlineThresholdNs = 150_000
 	inlineMaxBytes    = 256 << 10
+	// fairQuantum is how many PDUs a tenant's busy readers handle per turn before they let
+	// other goroutines run: small enough that a quiet tenant's command waits for a few of a
+	// noisy tenant's, not for a 10 ms preemption slice; large enough that the yield costs
+	// nothing measurable.
+	fairQuantum = 16
 )
 
 // runAll executes what the reader's last step handed out.

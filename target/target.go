@@ -246,6 +246,9 @@ type Tenant struct {
 	closed        atomic.Bool
 	// discLive replaces DiscoveryCHAP once SetDiscoveryCHAP has been called.
 	discLive atomic.Pointer[chapSetting]
+	// busyReaders counts the tenant's connections whose input is never drained (conn.go's
+	// fair turns); changed when a connection starts or stops being busy, not per command.
+	busyReaders atomic.Int32
 	// live replaces Targets once SetTargets has been called (a live change).
 	live  atomic.Pointer[[]*Target]
 	stats tenantCounters

@@ -275,9 +275,11 @@ func cmdServe(args []string, stderr io.Writer) error {
 		defer ln.Close()
 		log.Info("pprof serving", "addr", ln.Addr().String())
 	}
-	cfg, err := loadAndCheck(*file)
+	// The volumes are checked by serve once it holds them (checking them here too would
+	// cost a second pass over every volume at start-up).
+	cfg, err := conf.Load(*file)
 	if err != nil {
-		return err
+		return indentErrors(err)
 	}
 	if *sock != "" {
 		cfg.Server.ControlSocket, cfg.Server.ControlSocketSet = *sock, true

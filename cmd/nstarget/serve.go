@@ -69,7 +69,7 @@ func (tr *targetRun) luMap() map[uint64]*scsi.LU {
 
 // serve runs every tenant of cfg until ctx is done, then shuts down cleanly: listeners first,
 // then sessions (logout requests), then namespaces, then the pool (synced). cfg must have
-// passed loadAndCheck.
+// passed conf.Load; its volumes are checked here.
 func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error) {
 	log := opts.Logger
 	if log == nil {
@@ -90,9 +90,8 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 			err = fmt.Errorf("close volumes: %w", cerr)
 		}
 	}()
-	// Checked again now that the volumes are ours: one may have changed since check.
 	if err := cfg.CheckVolumes(store.Check); err != nil {
-		return err
+		return indentErrors(err)
 	}
 
 	srv := target.NewServer(targetOptions(log, cfg.Server, raiseFDLimit(log)))
