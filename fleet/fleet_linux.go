@@ -87,10 +87,35 @@ func validName(name string) error {
 	return nil
 }
 
-// onNewNamespace runs fn on a locked thread inside a new network namespace, then brings the
-// thread home. If it cannot go home, the goroutine ends locked and the runtime kills the
-// thread rather than reuse it in the wrong namespace.
+// onNewNamespace runs fn on a locked thread inside a new network namespace (see onThread).
 func onNewNamespace(fn func() error) error {
+	return onThread(func() error {
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			return fmt.Errorf("unshare: %w", err)
+		}
+		return nil
+	}, fn)
+}
+
+// In runs fn on a fresh goroutine's OS thread, locked, inside the network namespace nsFd (an
+// fd on a namespace file), then returns the thread to the namespace it came from and unlocks
+// it. A socket keeps the namespace it was created in, so fn should only create sockets (or
+// configure the namespace); it must not start goroutines that expect to be in it, nor call
+// setns or unshare.
+func In(nsFd int, fn func() error) error {
+	return onThread(func() error {
+		if err := unix.Setns(nsFd, unix.CLONE_NEWNET); err != nil {
+			return fmt.Errorf("setns: %w", err)
+		}
+		return nil
+	}, fn)
+}
+
+// onThread runs enter then fn on a fresh goroutine's locked OS thread, then brings the thread
+// home. If it cannot go home, the goroutine ends locked and the runtime destroys the thread
+// rather than reuse it in a tenant namespace; a fresh goroutine (rather than the caller's) is
+// what makes that last resort possible, and leaves the caller's own thread untouched.
+func onThread(enter, fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -101,14 +126,14 @@ func onNewNamespace(fn func() error) error {
 			return
 		}
 		defer unix.Close(home)
-		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+		if err := enter(); err != nil {
 			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("unshare: %w", err)
+			errc <- err
 			return
 		}
 		ferr := fn()
 		if err := unix.Setns(home, unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("return to the home namespace: %w", err)
+			errc <- errors.Join(ferr, fmt.Errorf("return to the home namespace: %w", err))
 			return // exits locked: the thread dies
 		}
 		runtime.UnlockOSThread()

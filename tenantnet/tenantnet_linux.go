@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"path/filepath"
-	"runtime"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
@@ -402,37 +401,6 @@ func deleteTenantLinks(h *netlink.Handle) error {
 	return errors.Join(errs...)
 }
 
-// inNamespace runs fn on a fresh goroutine's OS thread, locked, inside the namespace nsFd, then
-// returns the thread to the namespace it came from and unlocks it, so the runtime may reuse it.
-// If going home fails, the goroutine ends still locked and the runtime destroys the thread
-// rather than reuse it in a tenant namespace. A fresh goroutine (rather than the caller's) is
-// what makes that last resort possible, and leaves the caller's own thread untouched.
-//
-// fn should only create sockets (they keep this namespace wherever they are used later); it
-// must not start goroutines that expect to be in the namespace, nor call setns or unshare.
-func inNamespace(nsFd int, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		home, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		defer unix.Close(home)
-		if err := unix.Setns(nsFd, unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("setns: %w", err)
-			return
-		}
-		ferr := fn()
-		if err := unix.Setns(home, unix.CLONE_NEWNET); err != nil {
-			errc <- errors.Join(ferr, fmt.Errorf("return to the home namespace: %w", err))
-			return // exits locked: the thread dies
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
-}
+// inNamespace runs fn inside the namespace nsFd on a thread of its own (fleet.In). fn should
+// only create sockets (they keep this namespace wherever they are used later).
+func inNamespace(nsFd int, fn func() error) error { return fleet.In(nsFd, fn) }

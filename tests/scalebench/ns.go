@@ -11,44 +11,21 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"nstarget/fleet"
 )
 
-// inNS runs fn on a locked thread inside the network namespace file path, then brings the
-// thread home. Sockets keep the namespace they were created in, so only socket creation needs
-// this. If the thread cannot go home it dies with its goroutine (never reused).
+// inNS runs fn inside the network namespace file path on a thread of its own (fleet.In).
 func inNS(path string, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		home, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		defer unix.Close(home)
-		fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		err = unix.Setns(fd, unix.CLONE_NEWNET)
-		unix.Close(fd)
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("setns %s: %w", path, err)
-			return
-		}
-		ferr := fn()
-		if err := unix.Setns(home, unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("return home: %w", err)
-			return // exits locked: the runtime kills the thread
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	if err := fleet.In(fd, fn); err != nil {
+		return fmt.Errorf("in %s: %w", path, err)
+	}
+	return nil
 }
 
 // dialNS opens one TCP connection to addr from inside namespace path.
