@@ -42,6 +42,7 @@ type controlReply struct {
 	Error   string   `json:"error,omitempty"`
 	Status  *status  `json:"status,omitempty"`
 	Changes []string `json:"changes,omitempty"` // reload: what changed (none: nothing to do)
+	TookMs  float64  `json:"took_ms,omitempty"` // reload: from reading the file to the change in force
 }
 
 // status is what `nstarget status -o json` prints.
@@ -224,11 +225,12 @@ func (c *control) handle(line []byte) controlReply {
 		if svc == nil {
 			return controlReply{Error: "starting: not serving yet"}
 		}
+		t0 := time.Now()
 		changes, err := svc.reload()
 		if err != nil {
 			return controlReply{Error: err.Error()}
 		}
-		return controlReply{Changes: changes}
+		return controlReply{Changes: changes, TookMs: float64(time.Since(t0).Microseconds()) / 1000}
 	case "status":
 		st, err := c.status(req.Tenant)
 		if err != nil {

@@ -101,11 +101,12 @@ func cmdReload(args []string, stdout io.Writer) error {
 		return err
 	}
 	if len(reply.Changes) == 0 {
-		fmt.Fprintln(stdout, "reloaded: nothing changed")
+		fmt.Fprintf(stdout, "reloaded: nothing changed (%.1f ms)\n", reply.TookMs)
 		return nil
 	}
 	for _, c := range reply.Changes {
 		fmt.Fprintln(stdout, c)
 	}
+	fmt.Fprintf(stdout, "applied in %.1f ms\n", reply.TookMs)
 	return nil
 }

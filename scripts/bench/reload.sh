@@ -6,7 +6,8 @@
 # run's own), served by one `nstarget serve`. Tenant 1 runs libiscsi's iscsi-perf (4K random
 # reads, QD1, per-second IOPS) twice in the same run: once with nothing else happening (the
 # baseline), once while tenant 1025 is added and removed again by RELOADS reloads back to back.
-# It prints the reload times (measured around the `nstarget reload` command, exec included),
+# It prints the reload times (as serve reports them, and around the `nstarget reload` command,
+# exec included),
 # the I/O tenant's IOPS in both phases, and its worst second during the reloads. It asserts
 # nothing about speed; it exits non-zero only when something fails.
 #
@@ -64,11 +65,13 @@ perf "$WORK/during.iops" &
 PERF=$!
 sleep 1 # let the initiator log in and settle before the first reload (a warm-up, not a wait for an event)
 : >"$WORK/reload.ms"
+: >"$WORK/applied.ms"
 for ((r = 1; r <= RELOADS; r++)); do
 	if ((r % 2)); then cp "$WORK/with.toml" "$WORK/c.toml"; else cp "$WORK/without.toml" "$WORK/c.toml"; fi
 	t0=$(date +%s%N)
 	"$NST" reload -socket "$WORK/ctl.sock" >"$WORK/reload.out" || { cat "$WORK/reload.out" >&2; exit 1; }
 	echo $((($(date +%s%N) - t0) / 1000)) >>"$WORK/reload.ms"
+	sed -n 's/^applied in \([0-9.]*\) ms$/\1/p' "$WORK/reload.out" >>"$WORK/applied.ms"
 	grep -q "tenant $P-$(printf %04d $((TENANTS + 1))) \(added\|removed\)" "$WORK/reload.out" || { log "reload $r: unexpected: $(cat "$WORK/reload.out")"; exit 1; }
 done
 wait "$PERF"
@@ -82,9 +85,11 @@ during=$(med "$WORK/during.iops")
 worst=$(sort -n "$WORK/during.iops" | head -n 1)
 printf '\nreload of a one-tenant change with %d tenants configured (%d reloads; load avg %s)\n' "$TENANTS" "$RELOADS" "$(cut -d' ' -f1 /proc/loadavg)"
 printf '%-44s %12s %12s\n' metric measured goal
-printf '%-44s %12.1f %12s\n' "reload, median (ms, exec of the client incl.)" "$(awk -v v="$rm_med" 'BEGIN{print v/1000}')" "< 100"
-printf '%-44s %12.1f %12s\n' "reload, p90 (ms)" "$(awk -v v="$(pct "$WORK/reload.ms" 90)" 'BEGIN{print v/1000}')" ""
-printf '%-44s %12.1f %12s\n' "reload, max (ms)" "$(awk -v v="$(sort -n "$WORK/reload.ms" | tail -n 1)" 'BEGIN{print v/1000}')" ""
+printf '%-44s %12.1f %12s\n' "reload applied by serve, median (ms)" "$(med "$WORK/applied.ms")" "< 100"
+printf '%-44s %12.1f %12s\n' "reload applied by serve, max (ms)" "$(sort -n "$WORK/applied.ms" | tail -n 1)" ""
+printf '%-44s %12.1f %12s\n' "nstarget reload command, median (ms)" "$(awk -v v="$rm_med" 'BEGIN{print v/1000}')" ""
+printf '%-44s %12.1f %12s\n' "nstarget reload command, p90 (ms)" "$(awk -v v="$(pct "$WORK/reload.ms" 90)" 'BEGIN{print v/1000}')" ""
+printf '%-44s %12.1f %12s\n' "nstarget reload command, max (ms)" "$(awk -v v="$(sort -n "$WORK/reload.ms" | tail -n 1)" 'BEGIN{print v/1000}')" ""
 printf '%-44s %12s %12s\n' "tenant 1 IOPS, baseline (median/s)" "$base" ""
 printf '%-44s %12s %12s\n' "tenant 1 IOPS, during reloads (median/s)" "$during" ""
 printf '%-44s %12.2f %12s\n' "during / baseline" "$(awk -v a="$during" -v b="$base" 'BEGIN{print a/b}')" ">= 0.97"
