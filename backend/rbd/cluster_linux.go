@@ -41,9 +41,13 @@ type Cluster struct {
 	// entry expire while this process lives on.
 	fenced atomic.Bool
 
-	mu     sync.Mutex
-	open   map[string]*image // by name; an image is opened once per Cluster
-	closed bool
+	mu      sync.Mutex
+	open    map[string]*image        // by name; an image is opened once per Cluster
+	pending map[string]chan struct{} // names being opened; closed when that is done
+	closed  bool
+	// opening counts opens in progress outside mu (they talk to the cluster: a takeover
+	// opens many images at once); Close waits for them before it destroys the io context.
+	opening sync.WaitGroup
 }
 
 // Connect creates the rados client, connects it (within the op timeout) and opens the pool.
@@ -115,7 +119,7 @@ func Connect(cfg Config) (*Cluster, error) {
 		conn.shutdown()
 		return nil, fmt.Errorf("rbd: cluster fsid: %w", err)
 	}
-	return &Cluster{pool: cfg.Pool, conn: conn, io: io, id: poolID(fsid, ioctxID(io)), open: make(map[string]*image)}, nil
+	return &Cluster{pool: cfg.Pool, conn: conn, io: io, id: poolID(fsid, ioctxID(io)), open: make(map[string]*image), pending: make(map[string]chan struct{})}, nil
 }
 
 // poolID is the identity the SCSI layer derives device identifiers from (backend.Identified).
@@ -134,11 +138,15 @@ func poolID(fsid string, pool int64) backend.PoolID {
 // Close closes every image still open (releasing their locks cleanly) and the rados client.
 func (c *Cluster) Close() error {
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	if c.closed {
+		c.mu.Unlock()
 		return nil
 	}
 	c.closed = true
+	c.mu.Unlock()
+	c.opening.Wait()
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	var errs []error
 	for name, img := range c.open {
 		errs = append(errs, img.close())
@@ -206,34 +214,61 @@ func (c *Cluster) Open(name string, size int64, opts OpenOptions) (*Image, error
 	if err := checkArgs(name, size); err != nil {
 		return nil, err
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed {
-		return nil, fmt.Errorf("rbd: image %s: cluster %w", name, backend.ErrClosed)
-	}
-	if c.fenced.Load() {
-		return nil, fmt.Errorf("rbd: image %s: this client was fenced; connect a new one: %w", name, ErrFenced)
-	}
-	if img, ok := c.open[name]; ok {
-		if err := img.grow(size); err != nil {
-			return nil, err
+	for {
+		c.mu.Lock()
+		if c.closed {
+			c.mu.Unlock()
+			return nil, fmt.Errorf("rbd: image %s: cluster %w", name, backend.ErrClosed)
 		}
-		img.refs++
-		return &Image{img: img}, nil
-	}
-	img, err := c.openLocked(name, size, opts)
-	if err != nil {
-		if errors.Is(err, ErrFenced) {
+		if c.fenced.Load() {
+			c.mu.Unlock()
+			return nil, fmt.Errorf("rbd: image %s: this client was fenced; connect a new one: %w", name, ErrFenced)
+		}
+		if img, ok := c.open[name]; ok {
+			defer c.mu.Unlock()
+			if err := img.grow(size); err != nil {
+				return nil, err
+			}
+			img.refs++
+			return &Image{img: img}, nil
+		}
+		if done, busy := c.pending[name]; busy {
+			// Someone is opening it: wait, then share what they opened (or try ourselves).
+			c.mu.Unlock()
+			<-done
+			continue
+		}
+		done := make(chan struct{})
+		c.pending[name] = done
+		c.opening.Add(1)
+		c.mu.Unlock()
+
+		// Outside mu: opens of different images (a takeover of many tenants) overlap.
+		img, err := c.openImage(name, size, opts)
+		c.mu.Lock()
+		delete(c.pending, name)
+		close(done)
+		switch {
+		case err == nil && c.closed:
+			img.close()
+			err = fmt.Errorf("rbd: image %s: cluster %w", name, backend.ErrClosed)
+		case err == nil:
+			c.open[name] = img
+		case errors.Is(err, ErrFenced):
 			c.fenced.Store(true)
 		}
-		return nil, err
+		c.mu.Unlock()
+		c.opening.Done()
+		if err != nil {
+			return nil, err
+		}
+		return &Image{img: img}, nil
 	}
-	c.open[name] = img
-	return &Image{img: img}, nil
 }
 
-// openLocked opens, locks and sizes a new image handle; c.mu is held.
-func (c *Cluster) openLocked(name string, size int64, opts OpenOptions) (*image, error) {
+// openImage opens, locks and sizes a new image handle; Open makes sure that no other open of
+// the same name runs at the same time.
+func (c *Cluster) openImage(name string, size int64, opts OpenOptions) (*image, error) {
 	h, err := rbdOpen(c.io, name, false)
 	if errors.Is(err, syscall.ENOENT) {
 		err = rbdCreate(c.io, name, size)

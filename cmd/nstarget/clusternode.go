@@ -22,6 +22,11 @@ import (
 // Taking a tenant over fences the previous owner's images (rbdStore opens with Fence) and
 // brings the tenant's network up (tenantnet) before the tenant is served.
 
+// takeoverParallel is how many tenants a node takes over at once: fencing an image is a round
+// trip to the monitors, so after a node's death its hundreds of tenants are fenced and
+// opened many at a time (the reload that serves each one is still one at a time).
+const takeoverParallel = 32
+
 // releaseTimeout bounds how long the sessions of a tenant that moves away get to log out:
 // the next owner waits for the release, so it is shorter than a reload's retireTimeout.
 const releaseTimeout = 3 * time.Second
@@ -37,6 +42,12 @@ type clusterNode struct {
 	owned map[string]bool
 	nets  map[string]*tenantnet.Net // by tenant: the networks this node made
 	doc   cluster.Doc
+
+	// parsed is the configuration of the document of revision parsedRev: a takeover of
+	// hundreds of tenants parses the published set once, not once per tenant.
+	parseMu   sync.Mutex
+	parsedRev int64
+	parsed    *conf.Config
 }
 
 // runClusterNode joins the cluster and serves what it is given until ctx is done, then
@@ -50,7 +61,7 @@ func runClusterNode(ctx context.Context, svc *service, cfg *conf.Config, log *sl
 	n := &clusterNode{svc: svc, log: log, file: cfg.File, own: own, owned: map[string]bool{}, nets: map[string]*tenantnet.Net{}}
 	c := cfg.Cluster
 	node, err := cluster.New(cluster.Config{Endpoints: c.Endpoints, Name: c.Name, Address: c.Address, Prefix: c.Prefix,
-		LeaseTTL: c.LeaseTTL, Logger: log}, n)
+		LeaseTTL: c.LeaseTTL, Logger: log, Parallel: takeoverParallel}, n)
 	if err != nil {
 		return err
 	}
@@ -65,20 +76,67 @@ func runClusterNode(ctx context.Context, svc *service, cfg *conf.Config, log *sl
 
 // configFor is the configuration with the tenants of doc that are in names.
 func (n *clusterNode) configFor(doc cluster.Doc, names map[string]bool) (*conf.Config, error) {
-	data := slices.Concat(n.own, []byte("\n"), doc.Body)
-	cfg, err := conf.Parse(n.file, data)
-	if err != nil {
-		return nil, fmt.Errorf("published tenants (revision %d) behind %s: %w", doc.Revision, n.file, err)
+	n.parseMu.Lock()
+	all := n.parsed
+	if all == nil || n.parsedRev != doc.Revision {
+		var err error
+		if all, err = conf.Parse(n.file, slices.Concat(n.own, []byte("\n"), doc.Body)); err != nil {
+			n.parseMu.Unlock()
+			return nil, fmt.Errorf("published tenants (revision %d) behind %s: %w", doc.Revision, n.file, err)
+		}
+		n.parsed, n.parsedRev = all, doc.Revision
 	}
-	cfg.Tenants = slices.DeleteFunc(cfg.Tenants, func(t *conf.Tenant) bool { return !names[t.Name] })
-	return cfg, nil
+	n.parseMu.Unlock()
+	cfg := *all
+	cfg.Tenants = slices.DeleteFunc(slices.Clone(all.Tenants), func(t *conf.Tenant) bool { return !names[t.Name] })
+	return &cfg, nil
 }
 
 func (n *clusterNode) Acquire(ctx context.Context, tenant string, doc cluster.Doc) error {
+	t0 := time.Now()
+	one, err := n.configFor(doc, map[string]bool{tenant: true})
+	if err != nil {
+		return err
+	}
+	if len(one.Tenants) != 1 {
+		return fmt.Errorf("tenant %s is not in the published set (revision %d)", tenant, doc.Revision)
+	}
+	tn := one.Tenants[0]
+	// What concerns this tenant alone is done first, for several tenants at once, outside
+	// the reload lock: fencing and opening its images (a lock break is a round trip to the
+	// monitors; the reload below then finds them open, the store shares them) and making its
+	// network.
+	for _, tc := range tn.Targets {
+		for _, l := range tc.LUNs {
+			vol, err := n.svc.store.Open(l.Volume, l.Size)
+			if err != nil {
+				return fmt.Errorf("tenant %s: volume %s: %w", tenant, l.Volume, err)
+			}
+			defer vol.Close()
+		}
+	}
+	var tnet *tenantnet.Net
+	if tn.Network != nil {
+		spec := *tn.Network
+		if spec.Parent == "" {
+			if spec.Parent = one.Cluster.Uplink; spec.Parent == "" {
+				return fmt.Errorf("tenant %s: its network names no parent and [cluster] uplink is not set on node %s", tenant, one.Cluster.Name)
+			}
+		}
+		if tnet, err = tenantnet.Up(one.Server.NetnsDir, tn.Netns, spec); err != nil {
+			return err
+		}
+	}
+	undo := func(err error) error {
+		if tnet != nil {
+			tnet.Down()
+		}
+		return err
+	}
 	n.svc.reloadMu.Lock()
 	defer n.svc.reloadMu.Unlock()
 	if err := ctx.Err(); err != nil {
-		return err
+		return undo(err)
 	}
 	n.mu.Lock()
 	names := map[string]bool{tenant: true}
@@ -88,31 +146,10 @@ func (n *clusterNode) Acquire(ctx context.Context, tenant string, doc cluster.Do
 	n.mu.Unlock()
 	cfg, err := n.configFor(doc, names)
 	if err != nil {
-		return err
-	}
-	i := slices.IndexFunc(cfg.Tenants, func(t *conf.Tenant) bool { return t.Name == tenant })
-	if i < 0 {
-		return fmt.Errorf("tenant %s is not in the published set (revision %d)", tenant, doc.Revision)
-	}
-	tn := cfg.Tenants[i]
-	t0 := time.Now()
-	var tnet *tenantnet.Net
-	if tn.Network != nil {
-		spec := *tn.Network
-		if spec.Parent == "" {
-			if spec.Parent = cfg.Cluster.Uplink; spec.Parent == "" {
-				return fmt.Errorf("tenant %s: its network names no parent and [cluster] uplink is not set on node %s", tenant, cfg.Cluster.Name)
-			}
-		}
-		if tnet, err = tenantnet.Up(cfg.Server.NetnsDir, tn.Netns, spec); err != nil {
-			return err
-		}
+		return undo(err)
 	}
 	if _, err := n.svc.applyLocked(cfg, nil); err != nil {
-		if tnet != nil {
-			tnet.Down()
-		}
-		return fmt.Errorf("tenant %s: %w", tenant, err)
+		return undo(fmt.Errorf("tenant %s: %w", tenant, err))
 	}
 	n.mu.Lock()
 	n.owned[tenant], n.doc = true, doc

@@ -106,7 +106,24 @@ func (s *service) reload() ([]string, error) {
 // cluster node's planned release must let go of the volumes before the next owner opens them).
 func (s *service) applyLocked(cfg *conf.Config, closeCtx context.Context) ([]string, error) {
 	old := s.current()
-	if err := cfg.CheckVolumes(s.store.Check); err != nil {
+	// Only volumes the new file names at a new size (or names for the first time) need a
+	// check: the others were checked when they were opened, and a check may cost a round
+	// trip to the cluster per volume.
+	inForce := map[[2]any]bool{}
+	for _, tn := range old.Tenants {
+		for _, tc := range tn.Targets {
+			for _, l := range tc.LUNs {
+				inForce[[2]any{l.Volume, l.Size}] = true
+			}
+		}
+	}
+	check := func(name string, size int64) error {
+		if inForce[[2]any{name, size}] {
+			return nil
+		}
+		return s.store.Check(name, size)
+	}
+	if err := cfg.CheckVolumes(check); err != nil {
 		return nil, indentErrors(err)
 	}
 	if err := restartOnly(old, cfg); err != nil {

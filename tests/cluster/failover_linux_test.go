@@ -26,18 +26,19 @@ func TestTenantsFailOverBetweenNodesWithEveryAcknowledgedWriteIntact(t *testing.
 	}
 	t.Cleanup(func() { os.RemoveAll(sockDir) })
 	sw := makeSwitch(t)
+	keys := fmt.Sprintf("/%s-%d", prefix, seq.Add(1))
 	nodes := map[string]*node{}
 	for i, name := range []string{"na", "nb", "nc"} {
 		up := fmt.Sprintf("%su%d", prefix, i)
 		uplink(t, sw, up)
-		nodes[name] = newNode(t, dir, sockDir, name, up)
+		nodes[name] = newNode(t, dir, sockDir, keys, name, up)
 		nodes[name].start()
 	}
 	doc := dir + "/tenants.toml"
 	if err := os.WriteFile(doc, []byte(tenantsDoc(tenants)), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	run(t, bin, "cluster", "apply", "-c", doc, "-endpoints", etcd.URL, "-prefix", "/"+prefix)
+	run(t, bin, "cluster", "apply", "-c", doc, "-endpoints", etcd.URL, "-prefix", keys)
 
 	// owner waits until t0 is owned by a node other than not, serving, and returns it; with
 	// settled, also until no tenant has a move pending.
@@ -45,7 +46,7 @@ func TestTenantsFailOverBetweenNodesWithEveryAcknowledgedWriteIntact(t *testing.
 		t.Helper()
 		var o *node
 		waitFor(t, what, func() error {
-			own, done := owners(t)
+			own, done := owners(t, keys)
 			if settled && !done {
 				return fmt.Errorf("moves pending: %v", own)
 			}
@@ -64,7 +65,7 @@ func TestTenantsFailOverBetweenNodesWithEveryAcknowledgedWriteIntact(t *testing.
 	owner("every tenant owned where it is placed", "", true)
 	for i := range tenants {
 		waitFor(t, fmt.Sprintf("tenant t%d served on its address", i), func() error {
-			out, err := exec.Command("ip", "netns", "exec", sw, "iscsi-ls", "-s", fmt.Sprintf("iscsi://10.7.0.%d", 10+i)).CombinedOutput()
+			out, err := exec.Command("ip", "netns", "exec", sw, "iscsi-ls", "-s", "iscsi://"+tenantAddr(i)).CombinedOutput()
 			if err != nil || !strings.Contains(string(out), fmt.Sprintf("iqn.2026-12.org.nstarget:t%d", i)) || !strings.Contains(string(out), "Lun:0") {
 				return fmt.Errorf("%v: %s", err, out)
 			}
@@ -74,7 +75,7 @@ func TestTenantsFailOverBetweenNodesWithEveryAcknowledgedWriteIntact(t *testing.
 
 	// The writer: slot k of 16 (64 KiB each) is rewritten with pattern gen; acked[k] is the
 	// last pattern the target acknowledged for it.
-	q := startQIO(t, sw, "iscsi://10.7.0.10/iqn.2026-12.org.nstarget:t0/0")
+	q := startQIO(t, sw, "iscsi://"+tenantAddr(0)+"/iqn.2026-12.org.nstarget:t0/0")
 	acked := make([]int, 16)
 	gen := 0
 	write := func(n int) {

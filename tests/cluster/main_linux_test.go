@@ -71,7 +71,7 @@ func runTests(m *testing.M) int {
 	return m.Run()
 }
 
-func run(t *testing.T, args ...string) string {
+func run(t testing.TB, args ...string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), patience)
 	defer cancel()
@@ -82,7 +82,7 @@ func run(t *testing.T, args ...string) string {
 	return string(out)
 }
 
-func waitFor(t *testing.T, what string, fn func() error) {
+func waitFor(t testing.TB, what string, fn func() error) {
 	t.Helper()
 	deadline := time.Now().Add(patience)
 	for {
@@ -101,19 +101,22 @@ func waitFor(t *testing.T, what string, fn func() error) {
 
 const initiatorAddr = "10.7.0.100"
 
-func makeSwitch(t *testing.T) string {
-	sw := prefix + "-sw"
+// seq makes the names of each switch and cluster of a run unique.
+var seq atomic.Int32
+
+func makeSwitch(t testing.TB) string {
+	sw := fmt.Sprintf("%s-sw%d", prefix, seq.Add(1))
 	run(t, "ip", "netns", "add", sw)
 	t.Cleanup(func() { exec.Command("ip", "netns", "del", sw).Run() })
 	run(t, "ip", "-n", sw, "link", "set", "lo", "up")
 	run(t, "ip", "-n", sw, "link", "add", "br0", "type", "bridge")
-	run(t, "ip", "-n", sw, "addr", "add", initiatorAddr+"/24", "dev", "br0")
+	run(t, "ip", "-n", sw, "addr", "add", initiatorAddr+"/16", "dev", "br0")
 	run(t, "ip", "-n", sw, "link", "set", "br0", "up")
 	return sw
 }
 
 // uplink is a veth whose other end is a port of the switch's bridge.
-func uplink(t *testing.T, sw, name string) {
+func uplink(t testing.TB, sw, name string) {
 	run(t, "ip", "link", "add", name, "type", "veth", "peer", "name", name+"p", "netns", sw)
 	t.Cleanup(func() { exec.Command("ip", "link", "del", name).Run() })
 	run(t, "ip", "-n", sw, "link", "set", name+"p", "master", "br0")
@@ -131,7 +134,7 @@ type proxy struct {
 	conns  []net.Conn
 }
 
-func newProxy(t *testing.T, target string) *proxy {
+func newProxy(t testing.TB, target string) *proxy {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -204,7 +207,7 @@ func (p *proxy) heal() {
 // ---- nodes ----
 
 type node struct {
-	t      *testing.T
+	t      testing.TB
 	name   string
 	up     string // its uplink
 	cfg    string
@@ -217,7 +220,8 @@ type node struct {
 	starts int
 }
 
-func newNode(t *testing.T, dir, sockDir, name, up string) *node {
+// newNode writes the file of node name of the cluster whose etcd keys are under keys.
+func newNode(t testing.TB, dir, sockDir, keys, name, up string) *node {
 	n := &node{t: t, name: name, up: up, cfg: filepath.Join(dir, name+".toml"), sock: filepath.Join(sockDir, name+".sock"),
 		proxy: newProxy(t, etcd.URL)}
 	nsDir := filepath.Join(dir, name+"-netns")
@@ -236,8 +240,8 @@ endpoints = [%q]
 name = %q
 uplink = %q
 lease_ttl = "2s"
-prefix = "/%s"
-`, nsDir, filepath.Join(dir, name+"-data"), n.sock, ceph.ConfPath, ceph.Pool, n.proxy.url(), name, up, prefix)
+prefix = %q
+`, nsDir, filepath.Join(dir, name+"-data"), n.sock, ceph.ConfPath, ceph.Pool, n.proxy.url(), name, up, keys)
 	if err := os.WriteFile(n.cfg, []byte(doc), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -338,9 +342,9 @@ type status struct {
 
 // owners returns each tenant's owner, and whether every tenant is owned where placement
 // puts it (no move pending).
-func owners(t *testing.T) (map[string]string, bool) {
+func owners(t testing.TB, keys string) (map[string]string, bool) {
 	t.Helper()
-	out := run(t, bin, "cluster", "status", "-endpoints", etcd.URL, "-prefix", "/"+prefix, "-o", "json")
+	out := run(t, bin, "cluster", "status", "-endpoints", etcd.URL, "-prefix", keys, "-o", "json")
 	var st status
 	if err := json.Unmarshal([]byte(out), &st); err != nil {
 		t.Fatalf("cluster status: %v: %s", err, out)
@@ -354,21 +358,24 @@ func owners(t *testing.T) (map[string]string, bool) {
 	return m, settled
 }
 
+// tenantAddr is tenant i's address, in the switch's 10.7.0.0/16 (the initiator is 10.7.0.100).
+func tenantAddr(i int) string { return fmt.Sprintf("10.7.%d.%d", 1+i/200, 10+i%200) }
+
 func tenantsDoc(n int) string {
 	var b bytes.Buffer
 	for i := range n {
 		fmt.Fprintf(&b, `
 [[tenant]]
 name = "t%d"
-portal = "10.7.0.%d:3260"
+portal = "%s:3260"
   [tenant.network]
-  address = "10.7.0.%d/24"
+  address = "%s/16"
   [[tenant.target]]
   iqn = "iqn.2026-12.org.nstarget:t%d"
     [[tenant.target.lun]]
     volume = "%s-t%d"
     size = "16MiB"
-`, i, 10+i, 10+i, i, prefix, i)
+`, i, tenantAddr(i), tenantAddr(i), i, prefix, i)
 	}
 	return b.String()
 }
