@@ -10,12 +10,14 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -51,7 +53,13 @@ func runTests(m *testing.M) int {
 	}
 	defer os.RemoveAll(dir)
 	bin = filepath.Join(dir, "nstarget")
-	if out, err := exec.Command("go", "build", "-race", "-tags", "rbd", "-o", bin, "nstarget/cmd/nstarget").CombinedOutput(); err != nil {
+	// Tests run a -race server; benchmarks time a server built as operators run it.
+	build := []string{"build", "-race", "-tags", "rbd", "-o", bin, "nstarget/cmd/nstarget"}
+	flag.Parse()
+	if f := flag.Lookup("test.bench"); f != nil && f.Value.String() != "" {
+		build = slices.DeleteFunc(build, func(a string) bool { return a == "-race" })
+	}
+	if out, err := exec.Command("go", build...).CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "tests/cluster: go build -tags rbd (librbd-dev: run scripts/deps.sh): %v\n%s", err, out)
 		return 1
 	}
