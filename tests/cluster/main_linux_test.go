@@ -10,6 +10,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -18,6 +19,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -75,8 +77,40 @@ func runTests(m *testing.M) int {
 	defer etcd.Stop()
 	// A -race binary sleeps 1 s at exit by default; the CLI commands would wait for nothing.
 	os.Setenv("GORACE", "atexit_sleep_ms=0")
-	prefix = fmt.Sprintf("nc%d", os.Getpid()%100000)
+	prefix = fmt.Sprintf("nc%d", os.Getpid())
+	sweepStale()
 	return m.Run()
+}
+
+// sweepStale removes the switch namespaces and uplinks of runs of this suite whose process is
+// gone: a run killed on its deadline runs no cleanup.
+func sweepStale() {
+	stale := func(name, sep string) bool {
+		rest, ok := strings.CutPrefix(name, "nc")
+		if !ok {
+			return false
+		}
+		pid, _, ok := strings.Cut(rest, sep)
+		if n, err := strconv.Atoi(pid); !ok || err != nil || n <= 0 {
+			return false
+		}
+		_, err := os.Stat("/proc/" + pid)
+		return errors.Is(err, os.ErrNotExist)
+	}
+	if ents, err := os.ReadDir("/run/netns"); err == nil {
+		for _, e := range ents {
+			if stale(e.Name(), "-") {
+				exec.Command("ip", "netns", "del", e.Name()).Run()
+			}
+		}
+	}
+	if ents, err := os.ReadDir("/sys/class/net"); err == nil {
+		for _, e := range ents {
+			if stale(e.Name(), "u") {
+				exec.Command("ip", "link", "del", e.Name()).Run()
+			}
+		}
+	}
 }
 
 func run(t testing.TB, args ...string) string {
