@@ -6,13 +6,18 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"nstarget/tests/svgplot"
 )
 
 // BenchmarkFailover is the time from killing the node that owns some of N tenants (1, 100,
 // 300; two nodes, 2 s lease) to every one of them serving again on the other node: listening
 // on its own address, its image fenced and open. Reported as s-to-serve (lease expiry
 // included) and s-after-expiry (what is left once the 2 s lease has run out), per tenant moved.
+// It also plots s-to-serve against the tenants configured to bench/results/.
 func BenchmarkFailover(b *testing.B) {
+	total := svgplot.Series{Name: "kill to every moved tenant serving (2 s lease included)"}
+	after := svgplot.Series{Name: "after the 2 s lease"}
 	for _, n := range []int{1, 100, 300} {
 		b.Run(fmt.Sprintf("tenants=%d", n), func(b *testing.B) {
 			var took time.Duration
@@ -23,7 +28,14 @@ func BenchmarkFailover(b *testing.B) {
 			b.ReportMetric(took.Seconds(), "s-to-serve")
 			b.ReportMetric((took - 2*time.Second).Seconds(), "s-after-expiry")
 			b.ReportMetric(float64(moved), "tenants-moved")
+			total.X, total.Y = append(total.X, float64(n)), append(total.Y, took.Seconds())
+			after.X, after.Y = append(after.X, float64(n)), append(after.Y, max(0, (took-2*time.Second).Seconds()))
 		})
+	}
+	p := svgplot.Plot{Title: "Failover: a node SIGKILLed, two nodes, half the tenants move", YLabel: "seconds",
+		Series: []svgplot.Series{total, after}, Goal: 2, GoalName: "goal: 2 s after the lease"}
+	if err := p.Write("../../bench/results/failover-vs-tenants.svg"); err != nil {
+		b.Log(err)
 	}
 }
 

@@ -6,8 +6,11 @@ import (
 	"fmt"
 	"io"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strings"
+
+	"nstarget/tests/svgplot"
 )
 
 type report struct {
@@ -42,7 +45,7 @@ func (r *report) row(n int) *sweepRow {
 
 func (r *report) print(b *bench, w io.Writer) {
 	fmt.Fprintf(w, "\nscalebench (issue 11): started %s, load average at start %s, now %s, %d CPUs; %d round(s) x %v per I/O run; medians\n",
-		r.Start, r.LoadStart, loadavg(), numCPU(), b.rounds, b.runtime)
+		r.Start, r.LoadStart, loadavg(), runtime.NumCPU(), b.rounds, b.runtime)
 	fmt.Fprintf(w, "load: %d sessions over min(N,%d) tenants, own Go initiator (tests/scalebench) in the tenants' namespaces; 4K = random read QD16 per session, 1M = sequential read QD4 per session; page-cached 64 MiB volumes\n",
 		b.active, b.active)
 	fmt.Fprintf(w, "CPU%% = server utime+stime / wall (100%% = one core); us/IO = server CPU time per I/O; nice level of servers and load clients: %d\n\n", r.Nice)
@@ -227,8 +230,8 @@ func (r *report) plot(b *bench) []string {
 		rows = append(rows, s)
 	}
 	sort.Slice(rows, func(i, j int) bool { return rows[i].N < rows[j].N })
-	series := func(name string, get func(*sweepRow) []float64, scale float64) plotSeries {
-		ps := plotSeries{Name: name}
+	series := func(name string, get func(*sweepRow) []float64, scale float64) svgplot.Series {
+		ps := svgplot.Series{Name: name}
 		for _, s := range rows {
 			if v := get(s); len(v) > 0 {
 				ps.X = append(ps.X, float64(s.N))
@@ -238,7 +241,7 @@ func (r *report) plot(b *bench) []string {
 		return ps
 	}
 	var files []string
-	write := func(name string, p plot) {
+	write := func(name string, p svgplot.Plot) {
 		n := 0
 		for _, s := range p.Series {
 			n += len(s.X)
@@ -247,21 +250,21 @@ func (r *report) plot(b *bench) []string {
 			return
 		}
 		path := filepath.Join(b.plots, name)
-		if err := p.write(path); err != nil {
+		if err := p.Write(path); err != nil {
 			b.logf("plot %s: %v", path, err)
 			return
 		}
 		files = append(files, path)
 	}
-	write("throughput-vs-tenants.svg", plot{Title: "Aggregate throughput of 16 sessions vs configured tenants", YLabel: "4K IOPS (x1000) / 1M MiB/s (x100)",
-		Series: []plotSeries{series("4K random read QD16, kIOPS", func(s *sweepRow) []float64 { return s.IOPS4k }, 1e-3), series("1M sequential read QD4, 100 MiB/s", func(s *sweepRow) []float64 { return s.MiB1m }, 1e-2)}})
-	write("p99-vs-tenants.svg", plot{Title: "p99 command latency vs configured tenants", YLabel: "ms",
-		Series: []plotSeries{series("4K random read QD16", func(s *sweepRow) []float64 { return s.P99_4k }, 1e-3), series("1M sequential read QD4", func(s *sweepRow) []float64 { return s.P99_1m }, 1e-3)}})
-	write("threads-rss-vs-tenants.svg", plot{Title: "Server threads and RSS vs configured tenants", YLabel: "threads / MiB",
-		Series: []plotSeries{series("threads idle", func(s *sweepRow) []float64 { return s.ThrIdle }, 1), series("threads busy", func(s *sweepRow) []float64 { return s.ThrBusy }, 1),
+	write("throughput-vs-tenants.svg", svgplot.Plot{Title: "Aggregate throughput of 16 sessions vs configured tenants", YLabel: "4K IOPS (x1000) / 1M MiB/s (x100)",
+		Series: []svgplot.Series{series("4K random read QD16, kIOPS", func(s *sweepRow) []float64 { return s.IOPS4k }, 1e-3), series("1M sequential read QD4, 100 MiB/s", func(s *sweepRow) []float64 { return s.MiB1m }, 1e-2)}})
+	write("p99-vs-tenants.svg", svgplot.Plot{Title: "p99 command latency vs configured tenants", YLabel: "ms",
+		Series: []svgplot.Series{series("4K random read QD16", func(s *sweepRow) []float64 { return s.P99_4k }, 1e-3), series("1M sequential read QD4", func(s *sweepRow) []float64 { return s.P99_1m }, 1e-3)}})
+	write("threads-rss-vs-tenants.svg", svgplot.Plot{Title: "Server threads and RSS vs configured tenants", YLabel: "threads / MiB",
+		Series: []svgplot.Series{series("threads idle", func(s *sweepRow) []float64 { return s.ThrIdle }, 1), series("threads busy", func(s *sweepRow) []float64 { return s.ThrBusy }, 1),
 			series("RSS idle after GC, MiB", func(s *sweepRow) []float64 { return s.RSSIdle }, 1.0/(1<<20)), series("RSS busy, MiB", func(s *sweepRow) []float64 { return s.RSSBusy }, 1.0/(1<<20))}})
-	write("bringup-vs-tenants.svg", plot{Title: "Bring-up: ms from exec of nstarget serve", YLabel: "ms", Goal: 150, GoalName: "goal: all accepting <= 150 ms",
-		Series: []plotSeries{series("first tenant accepting", func(s *sweepRow) []float64 { return s.FirstAcc }, 1), series("all tenants accepting", func(s *sweepRow) []float64 { return s.AllAcc }, 1),
+	write("bringup-vs-tenants.svg", svgplot.Plot{Title: "Bring-up: ms from exec of nstarget serve", YLabel: "ms", Goal: 150, GoalName: "goal: all accepting <= 150 ms",
+		Series: []svgplot.Series{series("first tenant accepting", func(s *sweepRow) []float64 { return s.FirstAcc }, 1), series("all tenants accepting", func(s *sweepRow) []float64 { return s.AllAcc }, 1),
 			series("all tenants answered SendTargets", func(s *sweepRow) []float64 { return s.Disc }, 1),
 			series("base binary: all accepting", func(s *sweepRow) []float64 { return s.BaseAllAcc }, 1)}})
 	return files

@@ -1,34 +1,31 @@
-//go:build linux
-
-package main
-
-// A tiny SVG line-plot writer: log2 x axis (tenant counts), linear y axis from 0, one polyline
-// with markers per series, an optional horizontal goal line, a legend.
+// Package svgplot writes the benchmarks' plots: a tiny SVG 1.1 line-plot writer (log2 x axis
+// for tenant counts, linear y axis from 0, one polyline with markers per series, an optional
+// horizontal goal line, a legend), so plotting needs no dependency. Benchmarks only.
+package svgplot
 
 import (
 	"fmt"
 	"html"
 	"math"
 	"os"
-	"runtime"
 	"strings"
 )
 
-type plotSeries struct {
+// Series is one line of a plot.
+type Series struct {
 	Name string
 	X, Y []float64
 }
 
-type plot struct {
+// Plot is one chart: its series share the axes.
+type Plot struct {
 	Title, YLabel string
-	Series        []plotSeries
+	Series        []Series
 	Goal          float64
 	GoalName      string
 }
 
 var plotColors = []string{"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"}
-
-func numCPU() int { return runtime.NumCPU() }
 
 func niceStep(span float64) float64 {
 	if span <= 0 {
@@ -44,7 +41,8 @@ func niceStep(span float64) float64 {
 	return 10 * p
 }
 
-func (p plot) write(path string) error {
+// Write writes the plot to path as SVG.
+func (p Plot) Write(path string) error {
 	const W, H = 760, 480
 	const L, R, T, B = 70, 20, 40, 150 // margins; the legend goes below the axes
 	xmin, xmax := math.Inf(1), math.Inf(-1)
