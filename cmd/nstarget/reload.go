@@ -109,16 +109,20 @@ func (s *service) applyLocked(cfg *conf.Config, closeCtx context.Context) ([]str
 	// Only volumes the new file names at a new size (or names for the first time) need a
 	// check: the others were checked when they were opened, and a check may cost a round
 	// trip to the cluster per volume.
-	inForce := map[[2]any]bool{}
+	type volume struct {
+		name string
+		size int64
+	}
+	inForce := map[volume]bool{}
 	for _, tn := range old.Tenants {
 		for _, tc := range tn.Targets {
 			for _, l := range tc.LUNs {
-				inForce[[2]any{l.Volume, l.Size}] = true
+				inForce[volume{l.Volume, l.Size}] = true
 			}
 		}
 	}
 	check := func(name string, size int64) error {
-		if inForce[[2]any{name, size}] {
+		if inForce[volume{name, size}] {
 			return nil
 		}
 		return s.store.Check(name, size)

@@ -83,7 +83,7 @@ func TestTenantsFailOverBetweenNodesWithEveryAcknowledgedWriteIntact(t *testing.
 		for range n {
 			gen++
 			k, pat := gen%len(acked), gen%250+1
-			if err := q.do(fmt.Sprintf("write -P %d %dk 64k", pat, k*64)); err != nil {
+			if err := q.Do(fmt.Sprintf("write -P %d %dk 64k", pat, k*64)); err != nil {
 				t.Fatalf("write %d: %v", gen, err)
 			}
 			acked[k] = pat
@@ -147,7 +147,7 @@ func TestTenantsFailOverBetweenNodesWithEveryAcknowledgedWriteIntact(t *testing.
 		if pat == 0 {
 			continue
 		}
-		if err := q.do(fmt.Sprintf("read -P %d %dk 64k", pat, k*64)); err != nil {
+		if err := q.Do(fmt.Sprintf("read -P %d %dk 64k", pat, k*64)); err != nil {
 			t.Fatalf("slot %d lost its last acknowledged write (pattern %d): %v", k, pat, err)
 		}
 	}

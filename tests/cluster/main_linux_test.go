@@ -13,7 +13,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -29,6 +28,7 @@ import (
 
 	"nstarget/tests/cephtest"
 	"nstarget/tests/etcdtest"
+	"nstarget/tests/qemuio"
 )
 
 var (
@@ -422,65 +422,13 @@ portal = "%s:3260"
 	return b.String()
 }
 
-// qio is an interactive qemu-io (libiscsi) in the switch namespace: one session that stays
-// logged in, and reconnects by itself when its target moves.
-type qio struct {
-	stdin io.WriteCloser
-	lines chan string // qemu-io's output, line by line; closed when it exits
-}
-
-func startQIO(t *testing.T, sw, url string) *qio {
-	cmd := exec.Command("ip", "netns", "exec", sw, "qemu-io", "-f", "raw", url)
-	stdin, err := cmd.StdinPipe()
+// startQIO runs an interactive qemu-io on url in the switch namespace sw: one session that
+// stays logged in, and reconnects by itself when its target moves.
+func startQIO(t *testing.T, sw, url string) *qemuio.Session {
+	q, err := qemuio.Start("/run/netns/"+sw, url, patience)
 	if err != nil {
 		t.Fatal(err)
 	}
-	pr, pw := io.Pipe()
-	cmd.Stdout, cmd.Stderr = pw, pw
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { cmd.Wait(); pw.Close() }()
-	t.Cleanup(func() { stdin.Close(); cmd.Process.Kill() })
-	q := &qio{stdin: stdin, lines: make(chan string, 64)}
-	go func() {
-		defer close(q.lines)
-		sc := bufio.NewScanner(pr)
-		for sc.Scan() {
-			// Interactive qemu-io prints its prompt before each answer.
-			line := strings.TrimSpace(sc.Text())
-			for strings.HasPrefix(line, "qemu-io>") {
-				line = strings.TrimSpace(strings.TrimPrefix(line, "qemu-io>"))
-			}
-			q.lines <- line
-		}
-	}()
+	t.Cleanup(q.Close)
 	return q
-}
-
-// do runs one command and returns nil once qemu-io reports it done, or an error with what it
-// said instead; a command that gets no answer within patience is an error too.
-func (q *qio) do(command string) error {
-	if _, err := io.WriteString(q.stdin, command+"\n"); err != nil {
-		return err
-	}
-	var said []string
-	deadline := time.After(patience)
-	for {
-		select {
-		case line, ok := <-q.lines:
-			if !ok {
-				return fmt.Errorf("%s: qemu-io ended: %s", command, strings.Join(said, " | "))
-			}
-			said = append(said, line)
-			switch {
-			case strings.Contains(line, "failed"), strings.Contains(line, "Pattern verification"):
-				return fmt.Errorf("%s: %s", command, strings.Join(said, " | "))
-			case strings.HasPrefix(line, "wrote "), strings.HasPrefix(line, "read "):
-				return nil
-			}
-		case <-deadline:
-			return fmt.Errorf("%s: no answer within %v: %s", command, patience, strings.Join(said, " | "))
-		}
-	}
 }

@@ -5,9 +5,7 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
-	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -58,24 +56,10 @@ portal = "10.0.0.1:3260"
 	url := "iscsi://10.0.0.1/iqn.2026-11.org.nstarget:full/0"
 	pb.mustIni(t, "qemu-io", "-f", "raw", "-c", "write -P 0x22 0 1M", url)
 	// A session of tenant b that stays logged in while the pool fills: it must be told.
-	bio := exec.Command("ip", "netns", "exec", pb.ini, "qemu-io", "-f", "raw", url)
-	bin, err := bio.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
+	bq := startQIO(t, "/run/netns/"+pb.ini, url)
+	if err := bq.Do("read -P 0x22 0 4k"); err != nil || !strings.Contains(bq.Output(), "read 4096/4096") {
+		t.Fatalf("tenant b's session: %v: %s", err, bq.Output())
 	}
-	var bout lockedBuffer
-	bio.Stdout, bio.Stderr = &bout, &bout
-	if err := bio.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { bio.Process.Kill(); bio.Wait() })
-	io.WriteString(bin, "read -P 0x22 0 4k\n")
-	waitFor(t, "tenant b's session", func() error {
-		if !strings.Contains(bout.String(), "read 4096/4096") {
-			return fmt.Errorf("qemu-io: %s", bout.String())
-		}
-		return nil
-	})
 
 	// Tenant a writes more than the pool holds: the write fails, and says why.
 	out, _ := pa.run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 12M", url)
@@ -84,10 +68,12 @@ portal = "10.0.0.1:3260"
 	}
 	s.waitLog("the pool-full warning for tenant a", 1, msgIs("write refused: the volume pool is out of space (SPACE ALLOCATION FAILED)", "tenant", "a"))
 	s.waitLog("the soft threshold warning", 1, msgIs("pool above its soft threshold: sessions are told THIN PROVISIONING SOFT THRESHOLD REACHED; writes fail once it is full"))
-	io.WriteString(bin, "read -P 0x22 0 4k\n")
+	if err := bq.Do("read -P 0x22 0 4k"); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "tenant b's session to be told THIN PROVISIONING SOFT THRESHOLD REACHED", func() error {
-		if !strings.Contains(bout.String(), "0x3807") {
-			return fmt.Errorf("qemu-io: %s", bout.String())
+		if !strings.Contains(bq.Output(), "0x3807") {
+			return fmt.Errorf("qemu-io: %s", bq.Output())
 		}
 		return nil
 	})

@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"nstarget/fleet"
+	"nstarget/tests/qemuio"
 )
 
 // reloadLoad is the configuration the reload-under-load test moves through: two busy tenants
@@ -99,7 +100,7 @@ func TestFiftyReloadsUnderLoadChangeOnlyWhatTheySay(t *testing.T) {
 	// robin, until told to stop. done counts the verified rounds, so the test can wait for I/O
 	// to have happened between reloads instead of hoping it did.
 	type load struct {
-		q    *qioSession
+		q    *qemuio.Session
 		done atomic.Int64
 		err  atomic.Pointer[error]
 	}
@@ -120,9 +121,9 @@ func TestFiftyReloadsUnderLoadChangeOnlyWhatTheySay(t *testing.T) {
 				default:
 				}
 				slot, pat := n%16, (n+k)%255+1
-				err := l.q.do(fmt.Sprintf("write -P %d %dk 64k", pat, slot*64))
+				err := l.q.Do(fmt.Sprintf("write -P %d %dk 64k", pat, slot*64))
 				if err == nil {
-					err = l.q.do(fmt.Sprintf("read -P %d %dk 64k", pat, slot*64))
+					err = l.q.Do(fmt.Sprintf("read -P %d %dk 64k", pat, slot*64))
 				}
 				if err != nil {
 					l.err.Store(&err)
@@ -256,7 +257,7 @@ func TestFiftyReloadsUnderLoadChangeOnlyWhatTheySay(t *testing.T) {
 	}
 	for _, i := range []int{rl.live[0], rl.live[len(rl.live)/2], rl.live[len(rl.live)-1]} {
 		q := startQIO(t, filepath.Join(rl.nsDir, ns(fmt.Sprintf("r-%03d", i))), fmt.Sprintf("iscsi://127.0.0.1/iqn.2026-12.org.nstarget:r-%03d/0", i))
-		if err := q.do("write -P 7 0 4k"); err != nil {
+		if err := q.Do("write -P 7 0 4k"); err != nil {
 			t.Fatalf("added tenant r-%03d: %v", i, err)
 		}
 	}

@@ -5,12 +5,9 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
-	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 )
@@ -113,18 +110,10 @@ func TestReloadAppliesOnlyTheDifferenceAndRefusesBadFilesWithoutTouchingAnything
 
 	// A session on tenant a that must live through every reload: qemu-io keeps it open and
 	// writes through it before and after.
-	qio := exec.Command("ip", "netns", "exec", pa.ini, "qemu-io", "-f", "raw", "iscsi://10.0.0.1/iqn.2026-11.org.nstarget:a/0")
-	stdin, err := qio.StdinPipe()
-	if err != nil {
+	q := startQIO(t, "/run/netns/"+pa.ini, "iscsi://10.0.0.1/iqn.2026-11.org.nstarget:a/0")
+	if err := q.Do("write -P 0x5a 0 64k"); err != nil {
 		t.Fatal(err)
 	}
-	var qout lockedBuffer
-	qio.Stdout, qio.Stderr = &qout, &qout
-	if err := qio.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { qio.Process.Kill(); qio.Wait() })
-	io.WriteString(stdin, "write -P 0x5a 0 64k\n")
 	var tsih0 int
 	var remote0, ini string
 	waitFor(t, "the qemu-io session in status", func() (err error) {
@@ -189,9 +178,11 @@ func TestReloadAppliesOnlyTheDifferenceAndRefusesBadFilesWithoutTouchingAnything
 			t.Fatalf("reload output lacks %q:\n%s", want, out)
 		}
 	}
-	io.WriteString(stdin, "write -P 0x5a 64k 64k\n")
+	if err := q.Do("write -P 0x5a 64k 64k"); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "qemu-io to hear of the new capacity and LUN", func() error {
-		if o := qout.String(); !strings.Contains(o, "0x2a09") || !strings.Contains(o, "0x3f0e") {
+		if o := q.Output(); !strings.Contains(o, "0x2a09") || !strings.Contains(o, "0x3f0e") {
 			return fmt.Errorf("qemu-io said:\n%s", o)
 		}
 		return nil
@@ -228,31 +219,11 @@ func TestReloadAppliesOnlyTheDifferenceAndRefusesBadFilesWithoutTouchingAnything
 	if err != nil || tsih != tsih0 || remote != remote0 {
 		t.Fatalf("tenant a's session changed: TSIH %d -> %d, remote %s -> %s (%v)", tsih0, tsih, remote0, remote, err)
 	}
-	io.WriteString(stdin, "read -P 0x5a 0 64k\nquit\n")
-	stdin.Close()
-	if err := qio.Wait(); err != nil || !strings.Contains(qout.String(), "wrote 65536/65536") ||
-		!strings.Contains(qout.String(), "read 65536/65536") || strings.Contains(qout.String(), "Pattern verification failed") {
-		t.Fatalf("qemu-io on tenant a: %v\n%s", err, qout.String())
+	if err := q.Do("read -P 0x5a 0 64k"); err != nil || !strings.Contains(q.Output(), "wrote 65536/65536") ||
+		!strings.Contains(q.Output(), "read 65536/65536") || strings.Contains(q.Output(), "Pattern verification failed") {
+		t.Fatalf("qemu-io on tenant a: %v\n%s", err, q.Output())
 	}
 	if _, err := os.Stat(sock); err != nil {
 		t.Fatal(err)
 	}
-}
-
-// lockedBuffer collects a child's output while the test reads it.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }

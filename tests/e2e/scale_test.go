@@ -3,9 +3,7 @@
 package e2e
 
 import (
-	"bufio"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,54 +14,19 @@ import (
 	"time"
 
 	"nstarget/fleet"
+	"nstarget/tests/qemuio"
 )
 
-// qioSession is one interactive qemu-io: one iSCSI login that stays up while the test sends it
-// commands one at a time.
-type qioSession struct {
-	cmd   *exec.Cmd
-	stdin io.WriteCloser
-	out   *bufio.Reader
-}
-
-func startQIO(t *testing.T, nsPath, url string) *qioSession {
+// startQIO runs an interactive qemu-io on url inside the namespace file nsPath, ended with the
+// test.
+func startQIO(t *testing.T, nsPath, url string) *qemuio.Session {
 	t.Helper()
-	cmd := exec.Command("nsenter", "--net="+nsPath, "qemu-io", "-f", "raw", url)
-	stdin, err := cmd.StdinPipe()
+	q, err := qemuio.Start(nsPath, url, patience)
 	if err != nil {
 		t.Fatal(err)
 	}
-	pr, pw := io.Pipe()
-	cmd.Stdout, cmd.Stderr = pw, pw
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { cmd.Wait(); pw.Close() }()
-	t.Cleanup(func() { stdin.Close(); cmd.Process.Kill() })
-	return &qioSession{cmd: cmd, stdin: stdin, out: bufio.NewReader(pr)}
-}
-
-// do runs one qemu-io command and returns its result line ("wrote …", "read …") or an error
-// with what qemu-io said instead.
-func (q *qioSession) do(command string) error {
-	if _, err := io.WriteString(q.stdin, command+"\n"); err != nil {
-		return fmt.Errorf("%s: %w", command, err)
-	}
-	var said []string
-	for {
-		line, err := q.out.ReadString('\n')
-		if err != nil {
-			return fmt.Errorf("%s: qemu-io ended: %v: %s", command, err, strings.Join(said, " | "))
-		}
-		line = strings.TrimSpace(strings.TrimPrefix(line, "qemu-io>"))
-		said = append(said, line)
-		switch {
-		case strings.Contains(line, "failed"), strings.Contains(line, "Pattern verification"):
-			return fmt.Errorf("%s: %s", command, line)
-		case strings.HasPrefix(line, "wrote "), strings.HasPrefix(line, "read "):
-			return nil
-		}
-	}
+	t.Cleanup(q.Close)
+	return q
 }
 
 func procCount(t *testing.T, pid int, what string) int {
@@ -111,10 +74,10 @@ func TestBusyTenantsSurviveChurnOf240OthersAmong256(t *testing.T) {
 	pid := s.cmd.Process.Pid
 	ns := func(i int) string { return fmt.Sprintf("%s-%04d", fp, i) }
 
-	var sessions []*qioSession
+	var sessions []*qemuio.Session
 	for i := 1; i <= busy; i++ {
 		q := startQIO(t, filepath.Join(nsDir, ns(i)), "iscsi://127.0.0.1/iqn.2026-12.org.nstarget:fleet/0")
-		if err := q.do(fmt.Sprintf("write -P %d 0 256k", i)); err != nil {
+		if err := q.Do(fmt.Sprintf("write -P %d 0 256k", i)); err != nil {
 			t.Fatalf("tenant %d: %v", i, err)
 		}
 		sessions = append(sessions, q)
@@ -142,8 +105,8 @@ func TestBusyTenantsSurviveChurnOf240OthersAmong256(t *testing.T) {
 			go func() {
 				defer wg.Done()
 				pat := (k + 1) % 256
-				if errs[k] = q.do(fmt.Sprintf("read -P %d 0 256k", pat)); errs[k] == nil {
-					errs[k] = q.do(fmt.Sprintf("write -P %d 256k 256k", pat))
+				if errs[k] = q.Do(fmt.Sprintf("read -P %d 0 256k", pat)); errs[k] == nil {
+					errs[k] = q.Do(fmt.Sprintf("write -P %d 256k 256k", pat))
 				}
 			}()
 		}
