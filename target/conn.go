@@ -590,6 +590,8 @@ func (c *conn) runTask(t *task) (res scsi.Result, took time.Duration) {
 		}
 	case kindTargetReset:
 		dev.TargetReset(t.cmd.Nexus)
+	case kindNexusLoss:
+		dev.NexusLoss(t.cmd.Nexus)
 	default:
 		start := time.Now()
 		res = dev.Execute(&t.cmd)

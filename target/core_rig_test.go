@@ -138,6 +138,9 @@ func (r *coreRig) execute(t *task) scsi.Result {
 	case kindTargetReset:
 		r.dev.TargetReset(t.cmd.Nexus)
 		return scsi.Result{}
+	case kindNexusLoss:
+		r.dev.NexusLoss(t.cmd.Nexus)
+		return scsi.Result{}
 	}
 	return r.dev.Execute(&t.cmd)
 }

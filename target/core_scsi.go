@@ -24,11 +24,13 @@ const (
 	kindSCSI        taskKind = iota
 	kindLUNReset             // a LUN RESET's device reset, run like a command
 	kindTargetReset          // a TARGET WARM RESET's device reset
+	kindNexusLoss            // a logout's end of the I_T nexus (SPC-2 reservations released)
 )
 
-// task is one SCSI command (or one device reset of a TMF). It is freed, giving back its
-// buffer, its ledger bytes and its command slot, when its last reference goes: its entry in
-// core.tasks, its execution, and each PDU of it that is queued or being written.
+// task is one SCSI command (or one piece of device work a response waits for: a TMF reset, a
+// logout's nexus loss). It is freed, giving back its buffer, its ledger bytes and its command
+// slot, when its last reference goes: its entry in core.tasks, its execution, and each PDU of
+// it that is queued or being written.
 type task struct {
 	kind      taskKind
 	itt       uint32
@@ -561,7 +563,8 @@ func (c *core) tmf(h *bhs) {
 	c.hold(w)
 }
 
-// deviceReset runs a LUN or target reset like a command; w's response waits for it.
+// deviceReset runs device work (a LUN or target reset, a nexus loss) like a command; w's
+// response waits for it.
 func (c *core) deviceReset(kind taskKind, lunRaw uint64, w *waiter) {
 	t := c.newTask()
 	t.kind, t.lunRaw = kind, lunRaw
@@ -618,6 +621,12 @@ func (c *core) logoutRequest(h *bhs) {
 		c.logf(sessionLogLevel(c.cfg.sess.discovery), "", "logout", "reason", reason)
 		c.logout = true
 		c.abortWhere(nil, w)
+		if !c.cfg.sess.discovery {
+			// The initiator may use another session the moment it reads the response:
+			// what this nexus held (an SPC-2 reservation) must be gone by then, not when
+			// the connection is torn down afterwards.
+			c.deviceReset(kindNexusLoss, 0, w)
+		}
 	}
 	c.hold(w)
 }

@@ -307,6 +307,22 @@ func TestCoreLogoutWaitsForRunningCommandsThenEnds(t *testing.T) {
 	r.closeAndCheck()
 }
 
+func TestCoreLogoutReleasesTheNexusBeforeItsResponse(t *testing.T) {
+	r := newCoreRig(t)
+	r.autoRun = false
+	r.logout(logoutCloseSession)
+	r.expectNothing()
+	if len(r.running) != 1 || r.running[0].kind != kindNexusLoss {
+		t.Fatalf("logout handed out %d tasks, want the nexus loss", len(r.running))
+	}
+	r.runAll()
+	if r.dev.losses != 1 {
+		t.Fatalf("NexusLoss called %d times before the response, want 1", r.dev.losses)
+	}
+	r.expectOp(opLogoutResp)
+	r.closeAndCheck()
+}
+
 func TestCoreLogoutOfUnknownConnectionOrForRecoveryKeepsSession(t *testing.T) {
 	r := newCoreRig(t)
 	r.c.cfg.sess.cid = 9
