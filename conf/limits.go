@@ -16,6 +16,10 @@ const (
 	DefaultMaxBuffer   = 2 << 30
 	DefaultNopInterval = 5 * time.Second
 	DefaultNopTimeout  = 30 * time.Second
+	// DefaultFairCommands equals the target layer's default (cmd/nstarget's tests check it).
+	DefaultFairCommands = 64
+	// MaxWeight bounds a tenant's weight, as the target layer does.
+	MaxWeight = 1000
 	// MinNop and MaxNop bound nop_interval and nop_timeout: faster pings are load, not a
 	// liveness check, and a connection silent for more than an hour is not "idle" any more.
 	MinNop = 100 * time.Millisecond
@@ -31,22 +35,25 @@ type Limits struct {
 	Sessions    int   // logged-in normal sessions
 	Commands    int   // SCSI commands in flight over all its sessions
 	Buffer      int64 // bytes of data buffers, ping echoes and queued answers
+	// Weight is the tenant's share of server.fair_commands while several tenants are busy.
+	Weight int
 }
 
 // DefaultLimits are a tenant's limits when no file sets them: generous for one tenant's hosts,
 // small against the server.
 func DefaultLimits() Limits {
-	return Limits{Connections: 1024, Sessions: 1024, Commands: 4096, Buffer: 512 << 20}
+	return Limits{Connections: 1024, Sessions: 1024, Commands: 4096, Buffer: 512 << 20, Weight: 1}
 }
 
 func defaultServer() Server {
 	return Server{
-		NetnsDir:    DefaultNetnsDir,
-		DataDir:     DefaultDataDir,
-		MaxBuffer:   DefaultMaxBuffer,
-		NopInterval: DefaultNopInterval,
-		NopTimeout:  DefaultNopTimeout,
-		Limits:      DefaultLimits(),
+		NetnsDir:     DefaultNetnsDir,
+		DataDir:      DefaultDataDir,
+		MaxBuffer:    DefaultMaxBuffer,
+		NopInterval:  DefaultNopInterval,
+		NopTimeout:   DefaultNopTimeout,
+		Limits:       DefaultLimits(),
+		FairCommands: DefaultFairCommands,
 		// Early enough to act on (add capacity, trim volumes) before writes start failing.
 		PoolSoftThreshold: 80,
 		Backend:           BackendFile,
@@ -62,6 +69,7 @@ const DefaultControlSocket = "/run/nstarget/nstarget.sock"
 func (v *validator) serverRuntime(st *table, srv *Server) {
 	srv.MaxBuffer = st.bytes("max_buffer", srv.MaxBuffer)
 	srv.MaxConnections = st.count("max_connections", srv.MaxConnections, 0)
+	srv.FairCommands = st.count("fair_commands", srv.FairCommands, 0)
 	srv.NopInterval = st.duration("nop_interval", srv.NopInterval)
 	srv.NopTimeout = st.duration("nop_timeout", srv.NopTimeout)
 	srv.PoolSoftThreshold = st.count("pool_soft_threshold", srv.PoolSoftThreshold, 0)
@@ -94,6 +102,11 @@ func (v *validator) limits(t *table, def Limits) Limits {
 		Sessions:    t.count("sessions", def.Sessions, 1),
 		Commands:    t.count("commands", def.Commands, 1),
 		Buffer:      t.bytes("buffer", def.Buffer),
+		Weight:      t.count("weight", def.Weight, 1),
+	}
+	if l.Weight > MaxWeight {
+		v.errorf(t.key("weight"), "%d is outside 1..%d (the share of server.fair_commands while several tenants are busy)", l.Weight, MaxWeight)
+		l.Weight = def.Weight
 	}
 	t.done()
 	return l

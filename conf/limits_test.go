@@ -41,9 +41,9 @@ func TestLimitsResolveTenantThenServerThenDefaultKeyByKey(t *testing.T) {
 	}
 	def := DefaultLimits()
 	want := map[string]Limits{
-		"plain":    {Connections: 100, Sessions: def.Sessions, Commands: 50, Buffer: def.Buffer},
-		"one-key":  {Connections: 10, Sessions: def.Sessions, Commands: 50, Buffer: def.Buffer},
-		"all-keys": {Connections: 3, Sessions: 2, Commands: 7, Buffer: 1000},
+		"plain":    {Connections: 100, Sessions: def.Sessions, Commands: 50, Buffer: def.Buffer, Weight: 1},
+		"one-key":  {Connections: 10, Sessions: def.Sessions, Commands: 50, Buffer: def.Buffer, Weight: 1},
+		"all-keys": {Connections: 3, Sessions: 2, Commands: 7, Buffer: 1000, Weight: 1},
 	}
 	if s.Limits != want["plain"] {
 		t.Errorf("server.limits resolved to %+v, want %+v", s.Limits, want["plain"])
@@ -64,7 +64,10 @@ func TestLimitsAndRuntimeKeysDefaultWhenOmitted(t *testing.T) {
 	if s.MaxBuffer != 2<<30 || s.MaxConnections != 0 || s.NopInterval != 5*time.Second || s.NopTimeout != 30*time.Second {
 		t.Errorf("server defaults = %+v", s)
 	}
-	want := Limits{Connections: 1024, Sessions: 1024, Commands: 4096, Buffer: 512 << 20}
+	want := Limits{Connections: 1024, Sessions: 1024, Commands: 4096, Buffer: 512 << 20, Weight: 1}
+	if s.FairCommands != DefaultFairCommands {
+		t.Errorf("fair_commands defaults to %d, want %d", s.FairCommands, DefaultFairCommands)
+	}
 	if s.Limits != want || cfg.Tenants[0].Limits != want {
 		t.Errorf("limits: server %+v tenant %+v, want %+v", s.Limits, cfg.Tenants[0].Limits, want)
 	}
@@ -116,6 +119,9 @@ func TestEveryLimitsErrorNamesFileLineAndKey(t *testing.T) {
 		{"tenant buffer not a size", map[int]string{15: `  buffer = "lots"`}, 15, "tenant[1].limits.buffer", "expected a number"},
 		{"tenant buffer bool", map[int]string{15: `  buffer = true`}, 15, "tenant[1].limits.buffer", "a boolean"},
 		{"tenant buffer over max_buffer", map[int]string{15: `  buffer = "1GiB"`}, 15, "tenant[1].limits.buffer", "more than server.max_buffer"},
+		{"fair_commands negative", map[int]string{4: `fair_commands = -1`}, 4, "server.fair_commands", "outside 0.."},
+		{"tenant weight zero", map[int]string{15: `  weight = 0`}, 15, "tenant[1].limits.weight", "outside 1.."},
+		{"tenant weight too big", map[int]string{15: `  weight = 5000`}, 15, "tenant[1].limits.weight", "outside 1..1000"},
 		{"tenant limits unknown key", map[int]string{15: `  colour = "red"`}, 15, "tenant[1].limits.colour", "unknown key"},
 		{"inline tenant limits zero", map[int]string{18: `limits = { connections = 3, sessions = 0 }`}, 18, "tenant[2].limits.sessions", "outside 1.."},
 	}

@@ -477,6 +477,9 @@ func (c *conn) readLoop() error {
 			c.readerBusy.Store(false)
 			return fmt.Errorf("read PDU header: %w", err)
 		}
+		if h.opcode() == opSCSICmd {
+			c.srv.fair.note(c.tenant)
+		}
 		c.readerBusy.Store(true)
 		var l landing
 		for {

@@ -110,6 +110,9 @@ type Usage struct {
 	Sessions    int   `json:"sessions"`
 	Commands    int   `json:"commands"`
 	BufferBytes int64 `json:"buffer_bytes"`
+	// FairWindow, of a tenant, is what each of its sessions may have in flight now because
+	// other tenants are busy too (fair.go); 0: its whole window.
+	FairWindow int `json:"fair_window,omitempty"`
 }
 
 func usageOf(c *[numResources]atomic.Int64) Usage {
@@ -127,11 +130,13 @@ type Limits struct {
 	Sessions    int   // logged-in normal sessions
 	Commands    int   // SCSI commands in flight over all its sessions
 	BufferBytes int64 // data buffers of its commands, ping echoes and queued answers
+	// Weight is the tenant's share of the commands of busy tenants (fair.go), 1..MaxWeight.
+	Weight int
 }
 
 // DefaultTenantLimits are generous for one tenant's hosts and small against the server.
 func DefaultTenantLimits() Limits {
-	return Limits{Connections: 1024, Sessions: 1024, Commands: 4096, BufferBytes: 512 << 20}
+	return Limits{Connections: 1024, Sessions: 1024, Commands: 4096, BufferBytes: 512 << 20, Weight: 1}
 }
 
 func (l Limits) orDefault(d Limits) Limits {
@@ -146,6 +151,9 @@ func (l Limits) orDefault(d Limits) Limits {
 	}
 	if l.BufferBytes <= 0 {
 		l.BufferBytes = d.BufferBytes
+	}
+	if l.Weight <= 0 {
+		l.Weight = d.Weight
 	}
 	return l
 }

@@ -161,7 +161,7 @@ func (s *Server) Metrics() []TenantMetrics {
 	}
 	out := make([]TenantMetrics, 0, len(tenants))
 	for _, t := range tenants {
-		tm := TenantMetrics{Name: t.Name, Usage: usageOf(&t.acct.used),
+		tm := TenantMetrics{Name: t.Name, Usage: t.usage(),
 			LoginsOK: t.stats.loginsOK.Load(), LoginsFailed: t.stats.loginsFailed.Load()}
 		var cum uint64
 		tm.LatencyBuckets = make([]uint64, len(LatencyBuckets))

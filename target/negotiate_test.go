@@ -1,6 +1,7 @@
 package target
 
 import (
+	"sync/atomic"
 	"testing"
 )
 
@@ -79,7 +80,7 @@ func TestFirstBurstNeverExceedsMaxBurst(t *testing.T) {
 }
 
 func TestCommandWindow(t *testing.T) {
-	w := cmdWindow{expCmdSN: 10, depth: 4}
+	w := newCmdWindow(10, 4, nil)
 	if w.maxCmdSN() != 13 {
 		t.Fatalf("MaxCmdSN %d, want 13", w.maxCmdSN())
 	}
@@ -109,7 +110,7 @@ func TestCommandWindow(t *testing.T) {
 		t.Fatal("completion did not open the window")
 	}
 	// Serial arithmetic across the 2^32 wrap.
-	w = cmdWindow{expCmdSN: 0xffffffff, depth: 2}
+	w = newCmdWindow(0xffffffff, 2, nil)
 	if !w.accept(0xffffffff, false) || !w.accept(0, false) || w.expCmdSN != 1 {
 		t.Fatal("window does not wrap")
 	}
@@ -119,5 +120,51 @@ func TestCommandWindow(t *testing.T) {
 	w.done()
 	if w.maxCmdSN() != 1 || !w.accept(1, false) {
 		t.Fatalf("MaxCmdSN after a completion across the wrap: %d, want 1", w.maxCmdSN())
+	}
+}
+
+// A tenant's fair share shrinks its sessions' windows as their commands complete, never by
+// taking back a CmdSN already granted, and a share that grows again reopens them.
+func TestCommandWindowFollowsTheTenantShare(t *testing.T) {
+	var share atomic.Uint32
+	w := newCmdWindow(1, 8, &share)
+	if got := w.maxCmdSN(); got != 8 {
+		t.Fatalf("MaxCmdSN %d, want the login's 8", got)
+	}
+	share.Store(2)
+	for sn := uint32(1); sn <= 4; sn++ {
+		if !w.accept(sn, false) {
+			t.Fatalf("CmdSN %d granted before the share shrank was refused", sn)
+		}
+	}
+	if got := w.maxCmdSN(); got != 8 {
+		t.Fatalf("MaxCmdSN went back to %d: a granted CmdSN was taken away", got)
+	}
+	for range 3 {
+		w.done()
+	}
+	// One in flight, share 2: one more slot, i.e. MaxCmdSN = ExpCmdSN (5); still below 8.
+	if got := w.maxCmdSN(); got != 8 {
+		t.Fatalf("MaxCmdSN %d, want 8 until the granted window is used", got)
+	}
+	for sn := uint32(5); sn <= 8; sn++ {
+		if !w.accept(sn, false) {
+			t.Fatalf("CmdSN %d inside the granted window refused", sn)
+		}
+		w.done()
+	}
+	// ExpCmdSN 9, one in flight, share 2: exactly one new command.
+	if got := w.maxCmdSN(); got != 9 {
+		t.Fatalf("MaxCmdSN %d, want 9 (share 2, one in flight)", got)
+	}
+	if !w.accept(9, false) {
+		t.Fatal("CmdSN 9 refused")
+	}
+	if got := w.maxCmdSN(); got != 9 {
+		t.Fatalf("MaxCmdSN %d with the share used up, want it held at 9", got)
+	}
+	share.Store(0)
+	if got := w.maxCmdSN(); got != 9+8-2 {
+		t.Fatalf("MaxCmdSN %d after the share was lifted, want %d", got, 9+8-2)
 	}
 }

@@ -58,6 +58,9 @@ type Options struct {
 	// refusal is sent: the same for every failure, so neither timing nor rate tells an
 	// attacker which check failed or lets it guess quickly. Default 1s.
 	AuthFailDelay time.Duration
+	// FairCommands is how many commands in flight busy tenants share, by weight, while more
+	// than one is busy (fair.go); default DefaultFairCommands, negative: no sharing.
+	FairCommands int
 }
 
 // Server is shared by all tenants: it holds every tenant, target and session, and the
@@ -69,6 +72,7 @@ type Server struct {
 	bufs   bufPool
 	ledger *ledger
 	limits *refusalLog
+	fair   *fairShare
 
 	nextNexus  atomic.Uint64
 	challenges *challengeLog
@@ -112,6 +116,9 @@ func NewServer(opts Options) *Server {
 	if opts.MaxConnections <= 0 {
 		opts.MaxConnections = max(64, openFileLimit()-opts.FDReserve)
 	}
+	if opts.FairCommands == 0 {
+		opts.FairCommands = DefaultFairCommands
+	}
 	opts.TenantLimits = opts.TenantLimits.orDefault(DefaultTenantLimits())
 	pol := opts.Policy
 	if pol.MaxRecvDataSegmentLength == 0 {
@@ -126,6 +133,7 @@ func NewServer(opts Options) *Server {
 		// CmdSN window, per server; their server-wide limits only need to be no tighter.
 		ledger:     newLedger([numResources]int64{conns, conns, conns * int64(opts.QueueDepth+maxImmediate), opts.MaxBufferBytes}),
 		limits:     newRefusalLog(refusalLogEvery),
+		fair:       newFairShare(opts.FairCommands),
 		challenges: newChallengeLog(),
 		tenants:    make(map[*Tenant]struct{}),
 		sessions:   make(map[sessionKey]*session),
@@ -252,16 +260,30 @@ type Tenant struct {
 	// live replaces Targets once SetTargets has been called (a live change).
 	live  atomic.Pointer[[]*Target]
 	stats tenantCounters
+	// Fair shares (fair.go): weight is set from Limits.Weight and by SetWeight; lastBusy is
+	// the mark of the tenant's last reported command; sessWindow is what each of its
+	// sessions may have in flight now (0: its full window); fairListed is under fair.mu.
+	weight     atomic.Uint32
+	lastBusy   atomic.Int64
+	sessWindow atomic.Uint32
+	fairListed bool
 }
 
 // NewTenant registers a tenant; lim's zero fields take Options.TenantLimits.
 func (s *Server) NewTenant(name string, lim Limits) *Tenant {
 	t := &Tenant{Name: name, Limits: lim.orDefault(s.opts.TenantLimits)}
 	t.acct.limit = t.Limits.array()
+	s.SetWeight(t, t.Limits.Weight)
 	s.mu.Lock()
 	s.tenants[t] = struct{}{}
 	s.mu.Unlock()
 	return t
+}
+
+func (t *Tenant) usage() Usage {
+	u := usageOf(&t.acct.used)
+	u.FairWindow = int(t.sessWindow.Load())
+	return u
 }
 
 // discoveryCredentials is what a discovery login of the tenant must prove now.
@@ -292,7 +314,7 @@ func (s *Server) Stats() Stats {
 	st := Stats{Total: usageOf(&s.ledger.used), Tenants: make(map[string]Usage)}
 	s.mu.Lock()
 	for t := range s.tenants {
-		st.Tenants[t.Name] = usageOf(&t.acct.used)
+		st.Tenants[t.Name] = t.usage()
 	}
 	s.mu.Unlock()
 	return st

@@ -46,6 +46,7 @@ func targetOptions(log *slog.Logger, srv conf.Server, nofile uint64) target.Opti
 		TenantLimits:   targetLimits(srv.Limits),
 		MaxBufferBytes: srv.MaxBuffer,
 		MaxConnections: srv.MaxConnections,
+		FairCommands:   fairCommands(srv.FairCommands),
 	}
 }
 
@@ -55,5 +56,14 @@ func targetLimits(l conf.Limits) target.Limits {
 		Sessions:    l.Sessions,
 		Commands:    l.Commands,
 		BufferBytes: l.Buffer,
+		Weight:      l.Weight,
 	}
+}
+
+// fairCommands maps fair_commands (0: off) onto the target's option (0: default, < 0: off).
+func fairCommands(n int) int {
+	if n == 0 {
+		return -1
+	}
+	return n
 }

@@ -33,6 +33,7 @@ var (
 	descSessions = prometheus.NewDesc("nstarget_sessions", "Logged-in sessions.", []string{"tenant"}, nil)
 	descConns    = prometheus.NewDesc("nstarget_connections", "Open connections.", []string{"tenant"}, nil)
 	descInFlight = prometheus.NewDesc("nstarget_commands_in_flight", "SCSI commands received and not yet fully answered.", []string{"tenant"}, nil)
+	descWindow   = prometheus.NewDesc("nstarget_fair_window", "Commands each session of the tenant may have in flight now because other tenants are busy too; 0: not limited.", []string{"tenant"}, nil)
 	descBuffers  = prometheus.NewDesc("nstarget_buffer_bytes", "Buffer bytes held for commands and queued answers.", []string{"tenant"}, nil)
 	descLogins   = prometheus.NewDesc("nstarget_logins_total", "Logins by result.", []string{"tenant", "result"}, nil)
 	descNSEvents = prometheus.NewDesc("nstarget_namespace_events_total", "Namespace and listener events.", []string{"kind"}, nil)
@@ -76,7 +77,7 @@ func (e *exporter) event(ev netnsmux.Event) {
 
 func (e *exporter) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descCommands, descRead, descWrite, descLatency, descSessions, descConns,
-		descInFlight, descBuffers, descLogins, descNSEvents, descSetns, descSkips, descMismatch, descNS, descLn, descNSConns, descPoolSize, descPoolFree} {
+		descInFlight, descBuffers, descWindow, descLogins, descNSEvents, descSetns, descSkips, descMismatch, descNS, descLn, descNSConns, descPoolSize, descPoolFree} {
 		ch <- d
 	}
 }
@@ -99,6 +100,7 @@ func (e *exporter) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(descConns, prometheus.GaugeValue, float64(tm.Usage.Connections), tm.Name)
 			ch <- prometheus.MustNewConstMetric(descInFlight, prometheus.GaugeValue, float64(tm.Usage.Commands), tm.Name)
 			ch <- prometheus.MustNewConstMetric(descBuffers, prometheus.GaugeValue, float64(tm.Usage.BufferBytes), tm.Name)
+			ch <- prometheus.MustNewConstMetric(descWindow, prometheus.GaugeValue, float64(tm.Usage.FairWindow), tm.Name)
 			ch <- prometheus.MustNewConstMetric(descLogins, prometheus.CounterValue, float64(tm.LoginsOK), tm.Name, "ok")
 			ch <- prometheus.MustNewConstMetric(descLogins, prometheus.CounterValue, float64(tm.LoginsFailed), tm.Name, "failed")
 		}

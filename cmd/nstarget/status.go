@@ -53,14 +53,18 @@ func cmdStatus(args []string, stdout io.Writer) error {
 
 func printStatus(w io.Writer, st *status) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintf(tw, "TENANT\tNETNS\tSTATE\tPORTAL\tSESSIONS\tCONNECTIONS\tCOMMANDS\tBUFFER\n")
+	fmt.Fprintf(tw, "TENANT\tNETNS\tSTATE\tPORTAL\tSESSIONS\tCONNECTIONS\tCOMMANDS\tBUFFER\tFAIR WINDOW\n")
 	for _, t := range st.Tenants {
 		state := t.State
 		if t.Error != "" {
 			state += ": " + t.Error
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\n", t.Name, t.Netns, state, t.Portal,
-			t.Usage.Sessions, t.Usage.Connections, t.Usage.Commands, mib(t.Usage.BufferBytes))
+		window := "full" // not limited: no other tenant is busy
+		if t.Usage.FairWindow > 0 {
+			window = fmt.Sprintf("%d/session", t.Usage.FairWindow)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\t%s\n", t.Name, t.Netns, state, t.Portal,
+			t.Usage.Sessions, t.Usage.Connections, t.Usage.Commands, mib(t.Usage.BufferBytes), window)
 	}
 	tw.Flush()
 	for _, t := range st.Tenants {

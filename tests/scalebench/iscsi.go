@@ -191,8 +191,13 @@ func (s *sess) noteSN(h *hdr) {
 	}
 	if h.op() != opLoginResp {
 		if m := h.u32(32); int32(m-s.maxCmdSN) > 0 {
+			// Wake one waiting sender per new slot, not all of them: a target that shares
+			// its window out one slot at a time would otherwise cost this client a wake-up
+			// of every waiting sender per command.
+			for range min(m-s.maxCmdSN, 256) {
+				s.winCond.Signal()
+			}
 			s.maxCmdSN = m
-			s.winCond.Broadcast()
 		}
 	}
 	s.wmu.Unlock()
