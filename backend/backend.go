@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 )
 
@@ -61,7 +62,16 @@ type Pool struct {
 	// the flock by the first Open otherwise; never changed once set.
 	id    PoolID
 	hasID bool
+	// io bounds the reads and writes of all volumes in the kernel at once (ioSlots).
+	io chan struct{}
 }
+
+// ioSlots is how many pread/pwrite calls may be in the kernel at once. Go gives every call
+// that takes longer than ~20 µs (a 1 MiB copy, a write waiting on the inode lock, a page-cache
+// miss) a thread of its own and keeps the thread afterwards, so without a bound a burst of busy
+// sessions grows the process by a thread per session. A few calls per core keep the page cache
+// and a disk's queue busy; past that, more threads only contend for the same inode and cores.
+func ioSlots() int { return max(4, 2*runtime.GOMAXPROCS(0)) }
 
 // OpenPool opens (creating if missing) the pool directory.
 func OpenPool(dir string) (*Pool, error) {
@@ -82,7 +92,7 @@ func OpenPool(dir string) (*Pool, error) {
 	if err != nil {
 		return nil, fmt.Errorf("backend: pool %s: %w", dir, err)
 	}
-	return &Pool{dir: dir, open: make(map[string]*fileVol), id: id, hasID: hasID}, nil
+	return &Pool{dir: dir, open: make(map[string]*fileVol), id: id, hasID: hasID, io: make(chan struct{}, ioSlots())}, nil
 }
 
 // ValidName reports whether name can be a volume name: 1..200 characters of [A-Za-z0-9._-],

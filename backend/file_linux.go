@@ -95,6 +95,8 @@ func (v *fileVol) ReadAt(p []byte, off int64) (int, error) {
 	if v.isClosed {
 		return 0, ErrClosed
 	}
+	v.pool.io <- struct{}{}
+	defer func() { <-v.pool.io }()
 	done := 0
 	for done < len(p) {
 		n, err := unix.Pread(v.fd, p[done:], off+int64(done))
@@ -129,6 +131,8 @@ func (v *fileVol) WriteAt(p []byte, off int64) (int, error) {
 
 // writeLocked is the pwrite loop (short writes and EINTR retried); closeMu must be held shared.
 func (v *fileVol) writeLocked(p []byte, off int64) (int, error) {
+	v.pool.io <- struct{}{}
+	defer func() { <-v.pool.io }()
 	done := 0
 	for done < len(p) {
 		n, err := unix.Pwrite(v.fd, p[done:], off+int64(done))

@@ -163,6 +163,9 @@ func TestCommandWindowFollowsTheTenantShare(t *testing.T) {
 	if got := w.maxCmdSN(); got != 9 {
 		t.Fatalf("MaxCmdSN %d with the share used up, want it held at 9", got)
 	}
+	if w.accept(10, false) {
+		t.Fatal("CmdSN 10, beyond the advertised MaxCmdSN 9, accepted: the share could be bypassed")
+	}
 	share.Store(0)
 	if got := w.maxCmdSN(); got != 9+8-2 {
 		t.Fatalf("MaxCmdSN %d after the share was lifted, want %d", got, 9+8-2)

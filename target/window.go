@@ -29,7 +29,9 @@ func (w *cmdWindow) accept(cmdSN uint32, immediate bool) bool {
 	if immediate {
 		return true
 	}
-	if cmdSN != w.expCmdSN || w.inflight >= w.depth {
+	// Beyond the advertised MaxCmdSN (an initiator that ignores its window, perhaps to get
+	// past its tenant's fair share) is outside the window just like a full depth.
+	if cmdSN != w.expCmdSN || w.inflight >= w.depth || int32(cmdSN-w.sent) > 0 {
 		return false
 	}
 	w.expCmdSN++
