@@ -10,14 +10,21 @@ import (
 	"time"
 )
 
-// TestTenantsFailOverBetweenNodesWithEveryAcknowledgedWriteIntact: three nodes share four
-// tenants. A libiscsi (qemu-io) writer on tenant t0 keeps writing while t0's owner is drained
-// (SIGTERM: a planned move, no fencing), frozen (SIGSTOP), cut off from etcd (a partition)
-// and killed (SIGKILL). Each time another node takes t0 over, fences the old owner's image,
-// brings t0's address up on its own uplink and serves; the writer reconnects to the same
-// address and goes on. The frozen owner, resumed, stops serving and never writes again; at the
-// end every acknowledged write reads back.
-func TestTenantsFailOverBetweenNodesWithEveryAcknowledgedWriteIntact(t *testing.T) {
+// TestLibiscsiAndOpenISCSIWritersFollowTheirTenantAcrossNodeFailuresWithEveryAcknowledgedWriteIntact:
+// three nodes share four tenants. Two initiators write to tenant t0's LUN, each to its own range:
+// libiscsi (an interactive qemu-io in the switch namespace) and open-iscsi (iscsid and the
+// kernel's iscsi_tcp in a qemu guest whose tap is a port of the switch's bridge, writing numbered
+// blocks with O_DIRECT and fsync). They keep writing while t0's owner is drained (SIGTERM: a
+// planned move, no fencing), frozen (SIGSTOP), cut off from etcd (a partition) and killed
+// (SIGKILL). Each time another node takes t0 over, fences the old owner's image, brings t0's
+// address up on its own uplink and serves; both initiators reconnect to the same address and
+// go on: before the old owner is repaired, the new owner shows the guest's session writing
+// through it (`nstarget status`) and the guest sees writes acknowledged. The frozen owner,
+// resumed, stops serving and never writes again. At the end every write either initiator had
+// acknowledged reads back: qemu-io's slots here, the guest's numbered blocks in the guest (a
+// block lost or stale fails its verdict), and every connection open-iscsi made went to t0's
+// address.
+func TestLibiscsiAndOpenISCSIWritersFollowTheirTenantAcrossNodeFailuresWithEveryAcknowledgedWriteIntact(t *testing.T) {
 	const tenants = 4
 	dir := t.TempDir()
 	sockDir, err := os.MkdirTemp("", "nc")
@@ -26,6 +33,9 @@ func TestTenantsFailOverBetweenNodesWithEveryAcknowledgedWriteIntact(t *testing.
 	}
 	t.Cleanup(func() { os.RemoveAll(sockDir) })
 	sw := makeSwitch(t)
+	// The guest boots while the cluster comes up; it logs in once told t0 is served. Its
+	// numbered blocks fill 1 MiB from 8 MiB on, away from qemu-io's first MiB.
+	g := bootWriterGuest(t, sw, tenantAddr(0)+":3260", "iqn.2026-12.org.nstarget:t0", 2048, 256)
 	keys := fmt.Sprintf("/%s-%d", prefix, seq.Add(1))
 	nodes := map[string]*node{}
 	for i, name := range []string{"na", "nb", "nc"} {
@@ -73,6 +83,13 @@ func TestTenantsFailOverBetweenNodesWithEveryAcknowledgedWriteIntact(t *testing.
 		})
 	}
 
+	if _, _, err := g.WaitLine("E2E-WAITING", patience); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Send("go"); err != nil {
+		t.Fatal(err)
+	}
+
 	// The writer: slot k of 16 (64 KiB each) is rewritten with pattern gen; acked[k] is the
 	// last pattern the target acknowledged for it.
 	q := startQIO(t, sw, "iscsi://"+tenantAddr(0)+"/iqn.2026-12.org.nstarget:t0/0")
@@ -90,6 +107,11 @@ func TestTenantsFailOverBetweenNodesWithEveryAcknowledgedWriteIntact(t *testing.
 		}
 	}
 	write(16)
+	if _, at, err := g.WaitLine("E2E-IO-RUNNING", patience); err != nil {
+		t.Fatal(err)
+	} else {
+		t.Logf("open-iscsi guest writing %.1fs after its boot", at.Seconds())
+	}
 
 	faults := []struct {
 		name          string
@@ -117,12 +139,35 @@ func TestTenantsFailOverBetweenNodesWithEveryAcknowledgedWriteIntact(t *testing.
 		// fault the owner the cluster has settled on.
 		cur := owner("the cluster to settle before "+f.name, "", true)
 		blocklisted := blocklistCount(t)
+		// The guest is logged in to cur too, and writing through it.
+		waitFor(t, "the open-iscsi guest to write through "+cur.name, func() error {
+			if w, _, ok := cur.session("t0", guestInitiator); !ok || w == 0 {
+				return fmt.Errorf("%s shows no session of %s on t0 that wrote (%d bytes)", cur.name, guestInitiator, w)
+			}
+			return nil
+		})
 		t0 := time.Now()
 		f.do(cur)
 		next := owner("t0 taken over after "+f.name+" of "+cur.name, cur.name, false)
 		took := time.Since(t0)
 		write(8) // the same session, reconnected to the same address on another node
-		t.Logf("%s of %s: %s serves t0 after %.2fs; the writer went on (%d writes in all)", f.name, cur.name, next.name, took.Seconds(), gen)
+		t.Logf("%s of %s: %s serves t0 after %.2fs; qemu-io went on (%d writes in all)", f.name, cur.name, next.name, took.Seconds(), gen)
+		// The guest follows too, before the old owner is repaired (which may move t0 back):
+		// open-iscsi logs in to next at t0's address and writes through it, and the guest sees
+		// writes acknowledged after that.
+		var since time.Time
+		waitFor(t, "the open-iscsi guest to write through "+next.name, func() error {
+			w, s, ok := next.session("t0", guestInitiator)
+			if !ok || w < 3*4096 {
+				return fmt.Errorf("%s shows no session of %s on t0 that wrote 3 blocks (%d bytes)", next.name, guestInitiator, w)
+			}
+			since = s
+			return nil
+		})
+		if _, _, _, err := g.WaitLineFrom(len(g.Lines()), "E2E-ACK ", patience); err != nil {
+			t.Fatalf("%s: the open-iscsi guest wrote through %s but saw no write acknowledged: %v", f.name, next.name, err)
+		}
+		t.Logf("%s: open-iscsi logged in to %s %.2fs after the fault and went on writing", f.name, next.name, since.Sub(t0).Seconds())
 		switch f.name {
 		case "freeze (SIGSTOP)", "partition from etcd":
 			// The old owner, back, must notice it lost its lease and stop serving.
@@ -143,6 +188,9 @@ func TestTenantsFailOverBetweenNodesWithEveryAcknowledgedWriteIntact(t *testing.
 		}
 		write(8)
 	}
+	if err := g.Send("stop"); err != nil {
+		t.Fatal(err)
+	}
 	for k, pat := range acked {
 		if pat == 0 {
 			continue
@@ -151,6 +199,25 @@ func TestTenantsFailOverBetweenNodesWithEveryAcknowledgedWriteIntact(t *testing.
 			t.Fatalf("slot %d lost its last acknowledged write (pattern %d): %v", k, pat, err)
 		}
 	}
+	// The guest reads its slots back and says whether each holds its last acknowledged write.
+	pass, summary := g.Result(patience)
+	if !pass {
+		t.Fatalf("the open-iscsi guest failed: %s", summary)
+	}
+	acks, conns := 0, 0
+	for _, l := range g.Lines() {
+		switch {
+		case strings.HasPrefix(l, "E2E-ACK "):
+			acks++
+		case strings.HasPrefix(l, "E2E-CONN "):
+			// Every connection open-iscsi made went to t0's one address.
+			conns++
+			if !strings.Contains(l, " to "+tenantAddr(0)+":3260 ") {
+				t.Errorf("the open-iscsi guest connected elsewhere than t0's address: %s", l)
+			}
+		}
+	}
+	t.Logf("open-iscsi guest: %d writes acknowledged over %d connections through %d faults, every one read back", acks, conns, len(faults))
 }
 
 // blocklistCount is how many clients Ceph has blocklisted: fencing adds one.

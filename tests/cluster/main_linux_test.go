@@ -3,6 +3,8 @@
 // ownership, and a shared "switch" namespace where the initiators live, reached by each node
 // through its own uplink (a veth into the switch's bridge). Each node reaches etcd through a
 // proxy of the test's, so the test can cut one node off (a partition) without touching etcd.
+// Besides libiscsi (qemu-io) initiators in the switch namespace, an open-iscsi initiator runs in
+// a qemu guest (tests/vmguest) whose tap is a port of the switch's bridge.
 package cluster_test
 
 import (
@@ -29,6 +31,7 @@ import (
 	"nstarget/tests/cephtest"
 	"nstarget/tests/etcdtest"
 	"nstarget/tests/qemuio"
+	"nstarget/tests/vmguest"
 )
 
 var (
@@ -36,6 +39,12 @@ var (
 	ceph   *cephtest.Cluster
 	etcd   *etcdtest.Server
 	prefix string // namespaces, interfaces, volumes and keys of this run
+
+	// The open-iscsi guest's image, prepared (built or found in its cache, KVM probed) while
+	// Ceph starts; guestImageErr says why there is none.
+	guestImage    *vmguest.Image
+	guestImageErr error
+	guestReady    = make(chan struct{})
 )
 
 // patience bounds every wait for an event; a wait that passes is as fast as the event.
@@ -55,9 +64,25 @@ func runTests(m *testing.M) int {
 	}
 	defer os.RemoveAll(dir)
 	bin = filepath.Join(dir, "nstarget")
+	flag.Parse()
+	// The guest image is prepared meanwhile, unless no test runs (benchmarks only).
+	if f := flag.Lookup("test.run"); f != nil && f.Value.String() == "^$" {
+		guestImageErr = errors.New("not prepared: no test was to run")
+		close(guestReady)
+	} else {
+		go func() {
+			defer close(guestReady)
+			guestImage, guestImageErr = vmguest.Prepare()
+		}()
+	}
+	defer func() {
+		<-guestReady
+		if guestImage != nil {
+			guestImage.Remove()
+		}
+	}()
 	// Tests run a -race server; benchmarks time a server built as operators run it.
 	build := []string{"build", "-race", "-tags", "rbd", "-o", bin, "nstarget/cmd/nstarget"}
-	flag.Parse()
 	if f := flag.Lookup("test.bench"); f != nil && f.Value.String() != "" {
 		build = slices.DeleteFunc(build, func(a string) bool { return a == "-race" })
 	}
@@ -374,6 +399,39 @@ func (n *node) count(msg, tenant string) int {
 	return c
 }
 
+// session finds the logged-in session of initiator on tenant that n serves (`nstarget status`):
+// the bytes it has written through n and when it logged in. ok is false if there is none, or n
+// does not answer.
+func (n *node) session(tenant, initiator string) (written uint64, since time.Time, ok bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, bin, "status", "-socket", n.sock, "-o", "json", tenant).Output()
+	if err != nil {
+		return 0, time.Time{}, false
+	}
+	var st struct {
+		Tenants []struct {
+			Name     string `json:"name"`
+			Sessions []struct {
+				Initiator    string    `json:"initiator"`
+				Since        time.Time `json:"since"`
+				WrittenBytes uint64    `json:"written_bytes"`
+			} `json:"sessions"`
+		} `json:"tenants"`
+	}
+	if json.Unmarshal(out, &st) != nil {
+		return 0, time.Time{}, false
+	}
+	for _, tn := range st.Tenants {
+		for _, s := range tn.Sessions {
+			if tn.Name == tenant && s.Initiator == initiator {
+				return s.WrittenBytes, s.Since, true
+			}
+		}
+	}
+	return 0, time.Time{}, false
+}
+
 // ---- the cluster as a whole ----
 
 type status struct {
@@ -431,4 +489,44 @@ func startQIO(t *testing.T, sw, url string) *qemuio.Session {
 	}
 	t.Cleanup(q.Close)
 	return q
+}
+
+// ---- the open-iscsi guest ----
+
+const (
+	guestAddr      = "10.7.0.101" // in the switch's 10.7.0.0/16, next to the host's initiators
+	guestInitiator = "iqn.2026-12.org.nstarget:open-iscsi-guest"
+	// guestReplacementTimeout is how long open-iscsi queues I/O while it logs in again after a
+	// failure before it fails it: far above a takeover (seconds), so only a hang fails a write.
+	guestReplacementTimeout = 120
+)
+
+// bootWriterGuest boots a qemu guest whose tap is a port of the switch sw's bridge, running
+// open-iscsi's numbered writer (tests/vmguest/guest/numbered-writes.sh) against target iqn at
+// portal. It waits for the host's "go" (g.Send) before it logs in, so it may boot while the
+// cluster comes up. It writes to LUN 0 only in its slots 4 KiB blocks from block base on.
+func bootWriterGuest(t *testing.T, sw, portal, iqn string, base, slots int) *vmguest.Guest {
+	t.Helper()
+	<-guestReady
+	if guestImageErr != nil {
+		t.Fatalf("open-iscsi guest image (tests/vmguest/build-image.sh, run as root; scripts/deps.sh): %v", guestImageErr)
+	}
+	if err := vmguest.AddTap(sw, "tap0"); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "ip", "-n", sw, "link", "set", "tap0", "master", "br0")
+	t.Logf("open-iscsi guest: %s, prepared in %.1fs", guestImage, guestImage.Took.Seconds())
+	return guestImage.Boot(t, vmguest.Spec{
+		Name: "open-iscsi", NS: sw, Tap: "tap0", IP: guestAddr + "/16", Portal: portal,
+		Script: guestImage.Script("numbered-writes.sh"),
+		Params: map[string]string{
+			"iname": guestInitiator, "iqn": iqn,
+			"replacement_timeout": strconv.Itoa(guestReplacementTimeout),
+			// A dead owner is noticed within seconds (a NOP-Out unanswered, or answered with a
+			// reset by the new owner's kernel), a login to an address nobody holds yet is retried.
+			"login_timeout": "5", "noop_interval": "2", "noop_timeout": "3",
+			"base": strconv.Itoa(base), "slots": strconv.Itoa(slots),
+			"max_seconds": strconv.Itoa(int(patience.Seconds())),
+		},
+	})[0]
 }

@@ -28,10 +28,10 @@ func TestOpenISCSIAuthenticatesWithCHAP(t *testing.T) {
 		params: map[string]string{"iname": host1, "iqn": iqn,
 			"user": target.user, "secret": target.secret, "muser": target.mutualUser, "msecret": target.mutualSecret,
 			"duser": disc.user, "dsecret": disc.secret}})[0]
-	pass, _ := g.result(guestBudget)
+	pass, _ := g.Result(guestBudget)
 	srv.stop(t)
 	if !pass {
-		t.Fatalf("guest %s failed (summary above)", g.spec.name)
+		t.Fatalf("guest %s failed (summary above)", g.Name())
 	}
 	n := srv.(*nstargetServer)
 	logs, err := os.ReadFile(n.logPath)

@@ -57,7 +57,7 @@ func TestLiveReloadsLeaveAWritersSessionAloneAndItSeesItsGrownLUNAfterRescan(t *
 	seconds := steadySeconds(t)
 	g := s.bootGuests(t, guestSpec{name: "writer", ns: writerNS, script: "io-steady.sh",
 		params: map[string]string{"iname": host1, "iqn": sharedIQN, "seconds": strconv.Itoa(seconds)}})[0]
-	if _, at, err := g.waitLine("E2E-IO-RUNNING", guestBudget); err != nil {
+	if _, at, err := g.WaitLine("E2E-IO-RUNNING", guestBudget); err != nil {
 		t.Fatal(err)
 	} else {
 		t.Logf("guest writing at %.1fs; reloading %s", at.Seconds(), srv.name())
@@ -177,7 +177,7 @@ func TestLiveReloadsLeaveAWritersSessionAloneAndItSeesItsGrownLUNAfterRescan(t *
 	reload(flipACL, growOther)
 	reload(growWriter)
 	// The guest rescans while the reloads go on.
-	if err := g.send("rescan"); err != nil {
+	if err := g.Send("rescan"); err != nil {
 		t.Fatal(err)
 	}
 	reload(addTenant, removeTenant)
@@ -188,7 +188,7 @@ func TestLiveReloadsLeaveAWritersSessionAloneAndItSeesItsGrownLUNAfterRescan(t *
 	reload(removeTenant)
 	t.Logf("%d reloads and their checks in %.2fs", step, time.Since(t0).Seconds())
 
-	line, at, err := g.waitLine("E2E-SIZE ", patience)
+	line, at, err := g.WaitLine("E2E-SIZE ", patience)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -198,19 +198,17 @@ func TestLiveReloadsLeaveAWritersSessionAloneAndItSeesItsGrownLUNAfterRescan(t *
 	} else {
 		t.Logf("guest at %.1fs: %s", at.Seconds(), line)
 	}
-	g.mu.Lock()
-	for _, l := range g.lines {
+	for _, l := range g.Lines() {
 		if strings.HasPrefix(l, "E2E-DMESG ") {
 			t.Logf("guest kernel: %s", strings.TrimPrefix(l, "E2E-DMESG "))
 		}
 	}
-	g.mu.Unlock()
 
-	if err := g.send("stop"); err != nil {
+	if err := g.Send("stop"); err != nil {
 		t.Error(err)
 	}
-	if pass, _ := g.result(time.Duration(seconds)*time.Second + guestBudget); !pass {
-		t.Fatalf("guest %s failed (summary above)", g.spec.name)
+	if pass, _ := g.Result(time.Duration(seconds)*time.Second + guestBudget); !pass {
+		t.Fatalf("guest %s failed (summary above)", g.Name())
 	}
 	srv.stop(t)
 	// The server's side of the same story: the writer logged in once and never again.

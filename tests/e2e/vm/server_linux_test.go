@@ -100,7 +100,7 @@ func newNstarget(t *testing.T, s *suite, tenants []tenantSpec) *nstargetServer {
 	n.writeConfig(t, tenants)
 	t.Cleanup(func() {
 		if n.proc != nil {
-			n.proc.stop(patience)
+			n.proc.Stop(patience)
 		}
 		logs, _ := os.ReadFile(n.logPath)
 		if bytes.Contains(logs, []byte("WARNING: DATA RACE")) {
@@ -213,8 +213,8 @@ func (n *nstargetServer) start(t *testing.T) {
 	for _, tn := range n.tenants {
 		if err := waitPortal(tn.ns, patience); err != nil {
 			logs, _ := os.ReadFile(n.logPath)
-			if p.exited() {
-				t.Fatalf("nstarget serve exited (%v):\n%s", p.err, tail(logs, 50))
+			if p.Exited() {
+				t.Fatalf("nstarget serve exited (%v):\n%s", p.Err(), tail(logs, 50))
 			}
 			t.Fatalf("%v\nnstarget log:\n%s", err, tail(logs, 50))
 		}
@@ -228,11 +228,11 @@ func (n *nstargetServer) stop(t *testing.T) {
 	}
 	// SIGTERM gives sessions up to 10 s to log out before they are closed; the rest of patience
 	// is for a loaded machine, so only a hung shutdown is reported.
-	if n.proc.stop(patience) {
+	if n.proc.Stop(patience) {
 		t.Errorf("nstarget did not exit within %v of SIGTERM (killed)", patience)
-	} else if n.proc.err != nil {
+	} else if n.proc.Err() != nil {
 		logs, _ := os.ReadFile(n.logPath)
-		t.Errorf("nstarget exited with %v after SIGTERM:\n%s", n.proc.err, tail(logs, 30))
+		t.Errorf("nstarget exited with %v after SIGTERM:\n%s", n.proc.Err(), tail(logs, 30))
 	}
 	n.proc = nil
 }
@@ -257,8 +257,8 @@ func (n *nstargetServer) dropped(t *testing.T, tenant string, want int) {
 		if seen >= want {
 			return
 		}
-		if n.proc != nil && n.proc.exited() {
-			t.Fatalf("nstarget exited (%v) while waiting for it to drop tenant %s's namespace:\n%s", n.proc.err, tenant, tail(logs, 50))
+		if n.proc != nil && n.proc.Exited() {
+			t.Fatalf("nstarget exited (%v) while waiting for it to drop tenant %s's namespace:\n%s", n.proc.Err(), tenant, tail(logs, 50))
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("nstarget did not drop tenant %s's deleted namespace (%d of %d times) within %v:\n%s", tenant, seen, want, patience, tail(logs, 50))
@@ -319,7 +319,7 @@ func newTgtd(t *testing.T, tenants []tenantSpec) *tgtdServer {
 		g.mu.Lock()
 		defer g.mu.Unlock()
 		for _, p := range g.procs {
-			p.kill()
+			p.Kill()
 		}
 	})
 	return g
@@ -390,7 +390,7 @@ func (g *tgtdServer) stop(t *testing.T) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	for name, p := range g.procs {
-		p.kill() // tgtd ignores SIGTERM (tgtadm stops it cleanly; a restart test wants it gone)
+		p.Kill() // tgtd ignores SIGTERM (tgtadm stops it cleanly; a restart test wants it gone)
 		delete(g.procs, name)
 	}
 }
@@ -403,7 +403,7 @@ func (g *tgtdServer) recreated(t *testing.T, tenant string) {
 		if tn.name == tenant {
 			g.mu.Lock()
 			if p := g.procs[tenant]; p != nil {
-				p.kill()
+				p.Kill()
 			}
 			g.mu.Unlock()
 			g.startTenant(t, tn)

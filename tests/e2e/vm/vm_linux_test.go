@@ -114,10 +114,10 @@ func TestInitiatorNotOnAllowListIsRefusedAtLogin(t *testing.T) {
 	srv.start(t)
 	g := s.bootGuests(t, guestSpec{name: "intruder", ns: tenants[0].ns, script: "refused.sh",
 		params: map[string]string{"iname": intruder, "allowed": allowed, "iqn": iqn}})[0]
-	if pass, _ := g.result(guestBudget); !pass {
-		t.Fatalf("guest %s failed (summary above)", g.spec.name)
+	if pass, _ := g.Result(guestBudget); !pass {
+		t.Fatalf("guest %s failed (summary above)", g.Name())
 	}
-	if !g.consoleHas("E2E-LOGIN-RC 24") {
+	if !g.ConsoleHas("E2E-LOGIN-RC 24") {
 		t.Logf("note: the refusal was not reported as an authorization failure (iscsiadm rc 24)")
 	}
 	srv.stop(t)
@@ -137,7 +137,7 @@ func TestTargetRestartDuringIOIsRecoveredByOpenISCSI(t *testing.T) {
 	g := s.bootGuests(t, guestSpec{name: "writer", ns: tenants[0].ns, script: "io-restart.sh",
 		params: map[string]string{"iname": host1, "iqn": sharedIQN, "replacement_timeout": strconv.Itoa(replacementTimeout),
 			"max_seconds": strconv.Itoa(int(recoveryBudget.Seconds()))}})[0]
-	if _, at, err := g.waitLine("E2E-IO-RUNNING", guestBudget); err != nil {
+	if _, at, err := g.WaitLine("E2E-IO-RUNNING", guestBudget); err != nil {
 		t.Fatal(err)
 	} else {
 		t.Logf("guest writing at %.1fs; restarting %s", at.Seconds(), srv.name())
@@ -147,10 +147,10 @@ func TestTargetRestartDuringIOIsRecoveredByOpenISCSI(t *testing.T) {
 	stopped := time.Since(t0)
 	srv.start(t)
 	t.Logf("%s stopped in %.2fs, serving again after %.2fs", srv.name(), stopped.Seconds(), time.Since(t0).Seconds())
-	if pass, _ := g.result(recoveryBudget + guestBudget); !pass {
-		t.Fatalf("guest %s failed (summary above)", g.spec.name)
+	if pass, _ := g.Result(recoveryBudget + guestBudget); !pass {
+		t.Fatalf("guest %s failed (summary above)", g.Name())
 	}
-	if line, _, err := g.waitLine("E2E-RECOVERED", time.Second); err == nil {
+	if line, _, err := g.WaitLine("E2E-RECOVERED", time.Second); err == nil {
 		t.Logf("%s", line)
 	}
 	srv.stop(t)
@@ -180,7 +180,7 @@ func TestNamespaceChurnOfAnotherTenantDoesNotDisturbWriter(t *testing.T) {
 	seconds := steadySeconds(t)
 	g := s.bootGuests(t, guestSpec{name: "writer", ns: tenants[0].ns, script: "io-steady.sh",
 		params: map[string]string{"iname": host1, "iqn": sharedIQN, "seconds": strconv.Itoa(seconds)}})[0]
-	if _, at, err := g.waitLine("E2E-IO-RUNNING", guestBudget); err != nil {
+	if _, at, err := g.WaitLine("E2E-IO-RUNNING", guestBudget); err != nil {
 		t.Fatal(err)
 	} else {
 		t.Logf("guest writing at %.1fs; churning namespace %s", at.Seconds(), victimNS)
@@ -202,11 +202,11 @@ func TestNamespaceChurnOfAnotherTenantDoesNotDisturbWriter(t *testing.T) {
 		t.Logf("cycle %d: %s deleted and re-created, served again after %.2fs (%s)", cycle, victimNS,
 			time.Since(c0).Seconds(), strings.Join(strings.Fields(out), " "))
 	}
-	if err := g.send("stop"); err != nil {
+	if err := g.Send("stop"); err != nil {
 		t.Error(err)
 	}
-	if pass, _ := g.result(time.Duration(seconds)*time.Second + guestBudget); !pass {
-		t.Fatalf("guest %s failed (summary above)", g.spec.name)
+	if pass, _ := g.Result(time.Duration(seconds)*time.Second + guestBudget); !pass {
+		t.Fatalf("guest %s failed (summary above)", g.Name())
 	}
 	srv.stop(t)
 }
@@ -237,9 +237,9 @@ func waitAll(t *testing.T, guests []*guest) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if pass, _ := g.result(guestBudget); !pass {
+			if pass, _ := g.Result(guestBudget); !pass {
 				mu.Lock()
-				failed = append(failed, g.spec.name)
+				failed = append(failed, g.Name())
 				mu.Unlock()
 			}
 		}()

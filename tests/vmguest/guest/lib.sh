@@ -137,3 +137,27 @@ start_io() {
 	[ -n "$port0" ] || fail "no local port for the iSCSI connection in sysfs"
 	echo "E2E-IO-RUNNING"
 }
+
+# iscsid_set KEY VALUE: sets KEY in iscsid.conf, replacing /init's value; before iscsid_start and
+# discovery, which copy the file into the node record.
+iscsid_set() {
+	grep -vF "$1 = " /etc/iscsi/iscsid.conf >/tmp/iscsid.conf.new || true
+	echo "$1 = $2" >>/tmp/iscsid.conf.new
+	mv /tmp/iscsid.conf.new /etc/iscsi/iscsid.conf
+}
+# conn_addr prints the address:port the first iSCSI connection is connected to.
+conn_addr() {
+	for _c in /sys/class/iscsi_connection/connection*; do
+		echo "$(cat "$_c/persistent_address" 2>/dev/null):$(cat "$_c/persistent_port" 2>/dev/null)"
+		return
+	done
+}
+# wait_host WORD SECONDS: until the host has sent WORD (host_listen must be running); fails after
+# SECONDS.
+wait_host() {
+	_t0=$(cut -d. -f1 /proc/uptime)
+	until host_said "$1"; do
+		[ $(($(cut -d. -f1 /proc/uptime) - _t0)) -gt "$2" ] && fail "the host did not say $1 within ${2}s"
+		sleep 0.1
+	done
+}
