@@ -158,6 +158,7 @@ func restartOnly(old, cfg *conf.Config) error {
 	check("control_socket", o.ControlSocket == n.ControlSocket)
 	check("max_buffer", o.MaxBuffer == n.MaxBuffer)
 	check("max_connections", o.MaxConnections == n.MaxConnections)
+	check("fair_commands", o.FairCommands == n.FairCommands)
 	check("nop_interval", o.NopInterval == n.NopInterval)
 	check("nop_timeout", o.NopTimeout == n.NopTimeout)
 	check("backend", o.Backend == n.Backend && o.RBD == n.RBD)
@@ -190,6 +191,7 @@ type tenantChange struct {
 	allow     []*targetRun // allow-list changed (the new list is in cfg)
 	chap      []*targetRun // CHAP changed (the new credentials are in cfg)
 	discovery bool         // discovery CHAP changed
+	weight    bool         // limits.weight changed (the only limit a running tenant takes)
 	luns      []*lunDiff
 }
 
@@ -270,11 +272,13 @@ func (s *service) plan(old, cfg *conf.Config) (*reloadPlan, error) {
 			continue
 		}
 		key := fmt.Sprintf("tenant[%d]", i)
-		if ot.Limits != tn.Limits {
+		ol, nl := ot.Limits, tn.Limits
+		ol.Weight, nl.Weight = 0, 0 // the weight changes live (tenantChange.weight)
+		if ol != nl {
 			restart(tn.Line, key+".limits", "limits changed")
 		}
 		ch := tenantChange{rt: s.byNetns[tn.Netns], cfg: tn, portal: ot.Portal != tn.Portal, addTgts: map[string]*conf.Target{},
-			discovery: !ot.DiscoveryCHAP.Equal(tn.DiscoveryCHAP)}
+			discovery: !ot.DiscoveryCHAP.Equal(tn.DiscoveryCHAP), weight: ot.Limits.Weight != tn.Limits.Weight}
 		oldTgts := make(map[string]*conf.Target, len(ot.Targets))
 		for _, tc := range ot.Targets {
 			oldTgts[tc.IQN] = tc
@@ -309,7 +313,7 @@ func (s *service) plan(old, cfg *conf.Config) (*reloadPlan, error) {
 			}
 		}
 		ch.targets = !slices.Equal(order, oldOrder)
-		if ch.portal || ch.targets || len(ch.allow) > 0 || len(ch.chap) > 0 || ch.discovery || len(ch.luns) > 0 {
+		if ch.portal || ch.targets || len(ch.allow) > 0 || len(ch.chap) > 0 || ch.discovery || ch.weight || len(ch.luns) > 0 {
 			p.changes = append(p.changes, ch)
 		}
 	}
@@ -457,6 +461,10 @@ func (ch *tenantChange) apply(s *service) []string {
 				out = append(out, fmt.Sprintf("tenant %s: target %s: CHAP credentials changed (new logins)", name, tc.IQN))
 			}
 		}
+	}
+	if ch.weight {
+		s.srv.SetWeight(ch.rt.t, ch.cfg.Limits.Weight)
+		out = append(out, fmt.Sprintf("tenant %s: weight %d", name, ch.cfg.Limits.Weight))
 	}
 	if ch.discovery {
 		s.srv.SetDiscoveryCHAP(ch.rt.t, ch.cfg.DiscoveryCHAP)

@@ -167,13 +167,15 @@ func TestReloadAppliesOnlyTheDifferenceAndRefusesBadFilesWithoutTouchingAnything
 	// 3. LUN changes under the running session: tenant a's volume grows, a LUN is added, a2's
 	// LUN turns read-only. The session stays; libiscsi (in qemu-io) is told of each change by
 	// a unit attention and retries.
+	// Tenant b's weight changes too: the one limit a running tenant takes without a restart.
 	grown := strings.Replace(reloadConfig(sock, fmt.Sprintf("%q", ini), reloadLUNA1+reloadTargetA2RO+reloadTenantB), `size = "8MiB"`, `size = "16MiB"`, 1)
+	grown = strings.Replace(grown, "name = \"b\"\n", "name = \"b\"\nlimits = { weight = 3 }\n", 1)
 	write(grown)
 	code, out, errOut = reload()
 	if code != 0 {
 		t.Fatalf("LUN changes: exit %d: %s%s", code, out, errOut)
 	}
-	for _, want := range []string{"LUN 0: volume a grown to 16777216 bytes", "LUN 1 added (volume a-1)", "LUN 0: read_only = true"} {
+	for _, want := range []string{"LUN 0: volume a grown to 16777216 bytes", "LUN 1 added (volume a-1)", "LUN 0: read_only = true", "tenant b: weight 3"} {
 		if !strings.Contains(out, want) {
 			t.Fatalf("reload output lacks %q:\n%s", want, out)
 		}
