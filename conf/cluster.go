@@ -47,7 +47,7 @@ const (
 // backendKeys reads server.backend and [server.rbd].
 func (v *validator) backendKeys(st *table, srv *Server) {
 	srv.Backend = st.str("backend", BackendFile, false)
-	srv.BackendLine = v.pos.line(st.key("backend"))
+	srv.BackendLine = v.lines.line(st.key("backend"))
 	switch srv.Backend {
 	case BackendFile:
 	case BackendRBD:
@@ -79,7 +79,7 @@ func (v *validator) backendKeys(st *table, srv *Server) {
 
 // cluster reads [cluster].
 func (v *validator) cluster(t *table, srv *Server) *Cluster {
-	c := &Cluster{Line: v.pos.line(t.path), Prefix: DefaultClusterPrefix, LeaseTTL: DefaultLeaseTTL}
+	c := &Cluster{Line: v.lines.line(t.path), Prefix: DefaultClusterPrefix, LeaseTTL: DefaultLeaseTTL}
 	c.Endpoints = t.strings("endpoints")
 	if len(c.Endpoints) == 0 {
 		v.errorf(t.key("endpoints"), "at least one etcd endpoint (\"http://10.0.0.1:2379\") is required")

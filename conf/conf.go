@@ -15,9 +15,11 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/BurntSushi/toml"
@@ -44,6 +46,8 @@ type Config struct {
 	Tenants []*Tenant
 	// Cluster is [cluster]: nil for a node of its own, whose tenants are the file's.
 	Cluster *Cluster
+	// pos gives the line of any key, for findings made after Parse (CheckVolumes).
+	pos *lazyPositions
 }
 
 // Server is the [server] section.
@@ -99,6 +103,8 @@ type Tenant struct {
 	// takes it over; nil: the namespace is made by someone else.
 	Network *tenantnet.Spec
 	Line    int
+	// netnsSet: the file gives netns (else it is the name).
+	netnsSet bool
 }
 
 // Target is one [[tenant.target]].
@@ -123,7 +129,7 @@ type LUN struct {
 	WriteCache bool
 	Line       int // of the [[tenant.target.lun]] header
 	sizeKey    string
-	sizeLine   int
+	idSet      bool // the file gives id (else it is the LUN's position)
 }
 
 // Error is one finding, located in the file.
@@ -180,8 +186,9 @@ func Load(path string) (*Config, error) {
 // Parse validates a configuration held in memory; file names it in messages and anchors
 // relative paths (its directory).
 func Parse(file string, data []byte) (*Config, error) {
+	doc := string(data)
 	var raw map[string]any
-	if _, err := toml.Decode(string(data), &raw); err != nil {
+	if _, err := toml.Decode(doc, &raw); err != nil {
 		var pe toml.ParseError
 		if errors.As(err, &pe) {
 			msg := "syntax: " + pe.Message
@@ -194,7 +201,10 @@ func Parse(file string, data []byte) (*Config, error) {
 		}
 		return nil, Errors{{File: file, Msg: err.Error(), Err: err}}
 	}
-	v := &validator{file: file, pos: scanPositions(string(data))}
+	// Only the lines of table headers (and of a few keys outside [[tenant]]) are part of the
+	// configuration; the line of every other key is needed only for a finding, so that
+	// (costlier) scan waits for the first one.
+	v := &validator{file: file, lines: scanLines(doc), pos: &lazyPositions{doc: doc}}
 	cfg := v.config(raw)
 	v.crossCheck(cfg)
 	if len(v.errs) > 0 {
@@ -218,7 +228,7 @@ func (c *Config) CheckVolumes(check func(name string, size int64) error) error {
 		for _, tg := range t.Targets {
 			for _, l := range tg.LUNs {
 				if err := check(l.Volume, l.Size); err != nil {
-					errs = append(errs, &Error{File: c.File, Line: l.sizeLine, Key: l.sizeKey,
+					errs = append(errs, &Error{File: c.File, Line: c.line(l.sizeKey), Key: l.sizeKey,
 						Msg: err.Error(), Err: err})
 				}
 			}
@@ -230,14 +240,40 @@ func (c *Config) CheckVolumes(check func(name string, size int64) error) error {
 	return nil
 }
 
+// line is the line of key in the file the configuration was read from (0: unknown).
+func (c *Config) line(key string) int {
+	if c.pos == nil {
+		return 0
+	}
+	return c.pos.get().line(key)
+}
+
+// lazyPositions scans a document for the line of every key on first use.
+type lazyPositions struct {
+	doc  string
+	once sync.Once
+	p    positions
+}
+
+func (l *lazyPositions) get() positions {
+	l.once.Do(func() {
+		l.p = scanPositions(l.doc)
+		l.doc = ""
+	})
+	return l.p
+}
+
 type validator struct {
 	file string
-	pos  positions
-	errs Errors
+	// lines has the lines of table headers and of keys outside arrays of tables (scanLines):
+	// what Line fields need. pos has every key's, scanned on the first finding.
+	lines positions
+	pos   *lazyPositions
+	errs  Errors
 }
 
 func (v *validator) errorf(key string, format string, args ...any) {
-	v.errs = append(v.errs, &Error{File: v.file, Line: v.pos.line(key), Key: key, Msg: fmt.Sprintf(format, args...)})
+	v.errs = append(v.errs, &Error{File: v.file, Line: v.pos.get().line(key), Key: key, Msg: fmt.Sprintf(format, args...)})
 }
 
 // table is one TOML table being read: every key read is marked, the rest are unknown.
@@ -245,11 +281,11 @@ type table struct {
 	v    *validator
 	path string
 	m    map[string]any
-	used map[string]bool
+	used []string // keys read (a table has a handful: a slice beats a map per table)
 }
 
 func (v *validator) table(path string, m map[string]any) *table {
-	return &table{v: v, path: path, m: m, used: map[string]bool{}}
+	return &table{v: v, path: path, m: m, used: make([]string, 0, len(m))}
 }
 
 func (t *table) key(k string) string {
@@ -260,7 +296,9 @@ func (t *table) key(k string) string {
 }
 
 func (t *table) get(k string) (any, bool) {
-	t.used[k] = true
+	if !slices.Contains(t.used, k) {
+		t.used = append(t.used, k)
+	}
 	x, ok := t.m[k]
 	return x, ok
 }
@@ -355,8 +393,9 @@ func (t *table) tables(k string) []*table {
 		return nil
 	}
 	out := make([]*table, len(ms))
+	base := t.key(k) + "["
 	for i, m := range ms {
-		out[i] = t.v.table(fmt.Sprintf("%s[%d]", t.key(k), i), m)
+		out[i] = t.v.table(base+strconv.Itoa(i)+"]", m)
 	}
 	return out
 }
@@ -365,7 +404,7 @@ func (t *table) tables(k string) []*table {
 func (t *table) done() {
 	var unknown []string
 	for k := range t.m {
-		if !t.used[k] {
+		if !slices.Contains(t.used, k) {
 			unknown = append(unknown, k)
 		}
 	}
@@ -395,11 +434,11 @@ func tomlType(x any) string {
 
 func (v *validator) config(raw map[string]any) *Config {
 	root := v.table("", raw)
-	cfg := &Config{File: v.file, Server: defaultServer()}
+	cfg := &Config{File: v.file, Server: defaultServer(), pos: v.pos}
 	if st := root.sub("server"); st != nil {
 		cfg.Server.NetnsDir = v.dir(st, "netns_dir", DefaultNetnsDir)
 		cfg.Server.DataDir = v.dir(st, "data_dir", DefaultDataDir)
-		cfg.Server.DataDirLine = v.pos.line("server.data_dir")
+		cfg.Server.DataDirLine = v.lines.line("server.data_dir")
 		v.serverRuntime(st, &cfg.Server)
 		v.backendKeys(st, &cfg.Server)
 		st.done()
@@ -430,7 +469,7 @@ func (v *validator) dir(t *table, k, def string) string {
 }
 
 func (v *validator) tenant(t *table, srv *Server) *Tenant {
-	tn := &Tenant{Line: v.pos.line(t.path), Limits: srv.Limits}
+	tn := &Tenant{Line: v.lines.line(t.path), Limits: srv.Limits}
 	tn.Name = t.str("name", "", true)
 	if _, set := t.m["name"]; set {
 		if err := checkFileName("tenant name", tn.Name); err != nil {
@@ -439,6 +478,7 @@ func (v *validator) tenant(t *table, srv *Server) *Tenant {
 	}
 	tn.Netns = t.str("netns", tn.Name, false)
 	if _, set := t.m["netns"]; set {
+		tn.netnsSet = true
 		if err := checkFileName("netns", tn.Netns); err != nil {
 			v.errorf(t.key("netns"), "%v", err)
 		}
@@ -471,7 +511,7 @@ func (v *validator) tenant(t *table, srv *Server) *Tenant {
 }
 
 func (v *validator) target(t *table, algs []chap.Algorithm) *Target {
-	tg := &Target{Line: v.pos.line(t.path)}
+	tg := &Target{Line: v.lines.line(t.path)}
 	tg.IQN = t.str("iqn", "", true)
 	if _, set := t.m["iqn"]; set {
 		if err := iscsiname.Check(tg.IQN); err != nil {
@@ -500,8 +540,9 @@ func (v *validator) target(t *table, algs []chap.Algorithm) *Target {
 }
 
 func (v *validator) lun(t *table, position int) *LUN {
-	l := &LUN{ID: uint64(position), Line: v.pos.line(t.path), sizeKey: t.key("size")}
+	l := &LUN{ID: uint64(position), Line: v.lines.line(t.path), sizeKey: t.key("size")}
 	if x, ok := t.get("id"); ok {
+		l.idSet = true
 		n, ok := x.(int64)
 		switch {
 		case !ok:
@@ -534,51 +575,60 @@ func (v *validator) lun(t *table, position int) *LUN {
 			v.errorf(t.key("size"), "%v", err)
 		}
 	}
-	l.sizeLine = v.pos.line(l.sizeKey)
 	l.ReadOnly = t.boolean("read_only", false)
 	l.WriteCache = t.boolean("write_cache", true)
 	t.done()
 	return l
 }
 
-// crossCheck finds what no single table can see: duplicates.
+// crossCheck finds what no single table can see: duplicates. The line of a first use is looked
+// up only for a duplicate.
 func (v *validator) crossCheck(cfg *Config) {
-	type first struct {
-		key  string
-		line int
-	}
-	names, netns, volumes := map[string]first{}, map[string]first{}, map[string]first{}
-	dup := func(seen map[string]first, what, val, key string) {
+	// value -> key of its first use
+	names := make(map[string]string, len(cfg.Tenants))
+	netns := make(map[string]string, len(cfg.Tenants))
+	volumes := make(map[string]string, len(cfg.Tenants))
+	dup := func(seen map[string]string, what, val, key string) {
 		if val == "" {
 			return
 		}
 		if f, ok := seen[val]; ok {
-			v.errorf(key, "duplicate %s %q (first used at line %d, %s)", what, val, f.line, f.key)
+			v.errorf(key, "duplicate %s %q (first used at line %d, %s)", what, val, v.pos.get().line(f), f)
 			return
 		}
-		seen[val] = first{key, v.pos.line(key)}
+		seen[val] = key
 	}
 	for i, tn := range cfg.Tenants {
-		tp := fmt.Sprintf("tenant[%d]", i)
+		tp := "tenant[" + strconv.Itoa(i) + "]"
 		dup(names, "tenant name", tn.Name, tp+".name")
 		nk := tp + ".netns"
-		if _, ok := v.pos[nk]; !ok {
+		if !tn.netnsSet {
 			nk = tp + ".name" // netns defaulted to the name
 		}
 		dup(netns, "netns", tn.Netns, nk)
-		iqns := map[string]first{}
+		var iqns map[string]string // only two targets or more can repeat one
+		if len(tn.Targets) > 1 {
+			iqns = make(map[string]string, len(tn.Targets))
+		}
 		for j, tg := range tn.Targets {
-			gp := fmt.Sprintf("%s.target[%d]", tp, j)
+			gp := tp + ".target[" + strconv.Itoa(j) + "]"
 			// The same IQN in two tenants is two targets; twice in one tenant is ambiguous.
-			dup(iqns, "target iqn in this tenant", tg.IQN, gp+".iqn")
-			ids := map[string]first{}
+			if iqns != nil {
+				dup(iqns, "target iqn in this tenant", tg.IQN, gp+".iqn")
+			}
+			var ids map[string]string
+			if len(tg.LUNs) > 1 {
+				ids = make(map[string]string, len(tg.LUNs))
+			}
 			for k, l := range tg.LUNs {
-				lp := fmt.Sprintf("%s.lun[%d]", gp, k)
-				idKey := lp + ".id"
-				if _, ok := v.pos[idKey]; !ok {
-					idKey = lp
+				lp := gp + ".lun[" + strconv.Itoa(k) + "]"
+				if ids != nil {
+					idKey := lp + ".id"
+					if !l.idSet {
+						idKey = lp
+					}
+					dup(ids, "LUN id in this target", strconv.FormatUint(l.ID, 10), idKey)
 				}
-				dup(ids, "LUN id in this target", strconv.FormatUint(l.ID, 10), idKey)
 				dup(volumes, "volume", l.Volume, lp+".volume")
 			}
 		}

@@ -6,8 +6,8 @@ import (
 	"testing"
 )
 
-// FuzzParse: no input may panic the parser or its position scanner, and every rejection is a
-// located finding naming the file.
+// FuzzParse: no input may panic the parser or its position scanners, every rejection is a
+// located finding naming the file, and an accepted file's lines are those of the full scan.
 func FuzzParse(f *testing.F) {
 	f.Add(strings.Join(base(), "\n"))
 	f.Add("[server]\ndata_dir = '''\nx\n'''\n[[tenant]]\nname = \"a\" # c\n")
@@ -19,6 +19,7 @@ func FuzzParse(f *testing.F) {
 			if cfg == nil {
 				t.Fatal("nil config without error")
 			}
+			checkLinesAgree(t, doc, cfg)
 			return
 		}
 		var es Errors

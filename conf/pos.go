@@ -99,6 +99,42 @@ func (sc *scanner) key() []string {
 	}
 }
 
+// skipKey moves past a dotted key exactly as key does, without building its parts.
+func (sc *scanner) skipKey() {
+	for {
+		sc.skipBlank()
+		if sc.eof() {
+			return
+		}
+		switch c := sc.peek(); c {
+		case '"', '\'':
+			sc.i++
+			for !sc.eof() && sc.peek() != c && sc.peek() != '\n' {
+				ch := sc.next()
+				if c == '"' && ch == '\\' && !sc.eof() {
+					sc.next()
+				}
+			}
+			if !sc.eof() && sc.peek() == c {
+				sc.i++
+			}
+		default:
+			start := sc.i
+			for !sc.eof() && strings.IndexByte(" \t.=]\n#", sc.peek()) < 0 {
+				sc.i++
+			}
+			if sc.i == start {
+				return
+			}
+		}
+		sc.skipBlank()
+		if sc.eof() || sc.peek() != '.' {
+			return
+		}
+		sc.i++
+	}
+}
+
 // skipValue moves past one value, including multi-line strings, arrays and inline tables.
 func (sc *scanner) skipValue() {
 	depth := 0
@@ -155,10 +191,26 @@ func (sc *scanner) skipValue() {
 // scanPositions records the line of every table header and key/value statement of a TOML
 // document. It never fails: on input it does not understand it records less, and line falls
 // back to an ancestor.
-func scanPositions(doc string) positions {
-	pos := positions{}
+func scanPositions(doc string) positions { return scan(doc, true) }
+
+// scanLines is the cheap scan a valid file needs: it records every table header, every key of
+// a table that is not an element of an array of tables ([server], [cluster], ...), and every key
+// whose value is an inline table or array, but not the scalar keys inside [[tenant]] and its
+// sub-tables, which only an error message ever asks for (those come from scanPositions, run
+// when the first finding is reported). For every header path and every recorded key, line
+// gives what it gives on scanPositions' map: a scalar key is never the ancestor of another
+// path.
+func scanLines(doc string) positions { return scan(doc, false) }
+
+func scan(doc string, all bool) positions {
+	pos := make(positions, 64)
+	if all {
+		pos = make(positions, strings.Count(doc, "\n")+1)
+	}
 	counts := map[string]int{} // indexed array-of-tables path -> elements seen
 	var table []string         // indexed path of the current table, one element per key part
+	tablePath := ""            // strings.Join(table, ".")
+	inArray := false           // the current table is (inside) an element of an array of tables
 	// resolve turns a plain dotted key into an indexed path, following arrays of tables to their
 	// last element.
 	resolve := func(parts []string, upTo int) []string {
@@ -207,14 +259,36 @@ func scanPositions(doc string) positions {
 				last += "[" + strconv.Itoa(counts[key]-1) + "]"
 			}
 			table = append(idx, last)
-			pos[strings.Join(table, ".")] = line
+			tablePath = strings.Join(table, ".")
+			inArray = strings.IndexByte(tablePath, '[') >= 0
+			pos[tablePath] = line
 			sc.skipLine()
 			continue
 		}
 		line := sc.line
+		if !all && inArray {
+			// Look past the key without building it; only an inline table or array is kept.
+			start, startLine := sc.i, sc.line
+			sc.skipKey()
+			sc.skipBlank()
+			if sc.eof() || sc.peek() != '=' {
+				sc.skipLine()
+				continue
+			}
+			sc.i++
+			sc.skipBlank()
+			if sc.eof() || (sc.peek() != '[' && sc.peek() != '{') {
+				sc.skipValue()
+				continue
+			}
+			sc.i, sc.line = start, startLine
+		}
 		parts := sc.key()
 		if len(parts) > 0 {
-			path := strings.Join(append(append([]string{}, table...), parts...), ".")
+			path := strings.Join(parts, ".")
+			if tablePath != "" {
+				path = tablePath + "." + path
+			}
 			if _, dup := pos[path]; !dup {
 				pos[path] = line
 			}

@@ -41,8 +41,12 @@ type Mux struct {
 	done      chan struct{} // closed when the Mux shuts down
 	closeOnce sync.Once
 	runExited chan struct{}
-	rewatch   atomic.Bool // the watched directory went away: re-create and re-watch it
-	dirReal   atomicString
+	// startedCh is closed after Run's first reconcile pass (or when Run returns, or on Close
+	// without Run).
+	startedCh   chan struct{}
+	startedOnce sync.Once
+	rewatch     atomic.Bool // the watched directory went away: re-create and re-watch it
+	dirReal     atomicString
 
 	resourceLog everyFew // accept failing for want of fds or memory
 
@@ -150,6 +154,7 @@ func newMux(opts Options) (*Mux, error) {
 		acceptq:   make(chan *Conn, 1024),
 		done:      make(chan struct{}),
 		runExited: make(chan struct{}),
+		startedCh: make(chan struct{}),
 		wanted:    map[string]map[string]netip.AddrPort{},
 		nss:       map[string]*nsState{},
 		byID:      map[ID]int{},
@@ -342,9 +347,14 @@ func (m *Mux) close() error {
 		<-m.runExited
 		return nil
 	}
+	m.markStarted()
 	m.pool.close()
 	return nil
 }
+
+func (m *Mux) started() <-chan struct{} { return m.startedCh }
+
+func (m *Mux) markStarted() { m.startedOnce.Do(func() { close(m.startedCh) }) }
 
 func (m *Mux) run(ctx context.Context) error {
 	m.mu.Lock()
@@ -359,6 +369,7 @@ func (m *Mux) run(ctx context.Context) error {
 	m.running = true
 	m.mu.Unlock()
 	defer close(m.runExited)
+	defer m.markStarted()
 
 	m.full.Store(true)
 	if err := m.setup(); err != nil {
@@ -376,6 +387,7 @@ func (m *Mux) run(ctx context.Context) error {
 	defer timer.Stop()
 	for {
 		next := m.reconcile(ctx)
+		m.markStarted()
 		if !next.IsZero() {
 			timer.Reset(time.Until(next))
 		} else {

@@ -2,6 +2,7 @@ package netnsmux
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -685,5 +686,110 @@ func TestSlowAcceptDoesNotStallDiscovery(t *testing.T) {
 			t.Fatalf("conn tagged %s/%d, want %s/%d", c.Namespace, c.ID, busy, idBusy)
 		}
 		c.Close()
+	}
+}
+
+// TestStartedAfterTheFirstPassHasServedEveryExistingNamespace: names Listened on before Run
+// are brought up by the workers' first pass (the path a start-up takes); when Started is
+// closed, every existing namespace listens (its conns are accepted and tagged with its id),
+// a placeholder and a missing name were neither served nor reported, and both are served
+// once they become namespaces.
+func TestStartedAfterTheFirstPassHasServedEveryExistingNamespace(t *testing.T) {
+	dir := nsDir(t)
+	rec := &recorder{}
+	m, err := New(Options{Dir: dir, OnEvent: rec.add, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids := map[string]ID{}
+	for i := 0; i < 5; i++ {
+		name := fmt.Sprintf("%s-up%d", testPrefix, i)
+		ids[name] = mustMakeNS(t, dir, name)
+		if err := m.Listen(name, portal); err != nil {
+			t.Fatal(err)
+		}
+	}
+	placeholder, missing := testPrefix+"-ph", testPrefix+"-missing"
+	if err := os.WriteFile(filepath.Join(dir, placeholder), nil, 0); err != nil {
+		t.Fatal(err)
+	}
+	m.Listen(placeholder, portal)
+	m.Listen(missing, portal)
+	done := make(chan error, 1)
+	go func() { done <- m.Run(context.Background()) }()
+	t.Cleanup(func() {
+		m.Close()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+	select {
+	case <-m.Started():
+	case <-time.After(patience):
+		t.Fatal("Started not closed")
+	}
+	for name, id := range ids {
+		if !rec.has(NamespaceAdded, name, id) || !rec.has(ListenerUp, name, id) {
+			t.Fatalf("%s: no NamespaceAdded and ListenerUp (id %d) by Started: %+v", name, id, rec.all())
+		}
+	}
+	if st := m.Stats(); st.Namespaces != len(ids) || st.Listeners != len(ids) {
+		t.Fatalf("stats after the first pass: %+v, want %d namespaces and listeners", st, len(ids))
+	}
+	for _, e := range rec.all() {
+		if e.Namespace == placeholder || e.Namespace == missing {
+			t.Fatalf("event for a name that is not a namespace: %+v", e)
+		}
+	}
+	// Accepted, and tagged with the right namespace.
+	for name, id := range ids {
+		c, cid, err := dialFrom(filepath.Join(dir, name), portal)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ac, err := m.Accept(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		var b [8]byte
+		if _, err := io.ReadFull(ac, b[:]); err != nil {
+			t.Fatal(err)
+		}
+		if got := ID(binary.LittleEndian.Uint64(b[:])); ac.ID != got || ac.Namespace != ids2name(ids, got) || cid != id {
+			t.Fatalf("conn from %s (id %d) accepted as %s id %d", name, got, ac.Namespace, ac.ID)
+		}
+		ac.Close()
+		c.Close()
+	}
+	// The placeholder becomes a namespace, the missing name appears.
+	os.Remove(filepath.Join(dir, placeholder))
+	for _, name := range []string{placeholder, missing} {
+		id := mustMakeNS(t, dir, name)
+		waitFor(t, patience, name+" up", func() bool { return rec.has(ListenerUp, name, id) })
+	}
+	if st := m.Stats(); st.Mismatches != 0 {
+		t.Fatalf("mismatches: %+v", st)
+	}
+}
+
+func ids2name(ids map[string]ID, id ID) string {
+	for n, i := range ids {
+		if i == id {
+			return n
+		}
+	}
+	return ""
+}
+
+func TestStartedIsClosedByCloseWithoutRun(t *testing.T) {
+	m, err := New(Options{Dir: t.TempDir(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Close()
+	select {
+	case <-m.Started():
+	case <-time.After(patience):
+		t.Fatal("Started not closed by Close")
 	}
 }

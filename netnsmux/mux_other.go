@@ -20,6 +20,8 @@ type connTrack struct{}
 
 const fdTableSize = 0
 
+var closedChan = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
+
 func newMux(Options) (*Mux, error) { return nil, errUnsupported }
 func reserveFDs(int)               {}
 
@@ -29,5 +31,6 @@ func (m *Mux) accept(context.Context) (*Conn, error)          { return nil, errU
 func (m *Mux) do(context.Context, string, func() error) error { return errUnsupported }
 func (m *Mux) run(context.Context) error                      { return errUnsupported }
 func (m *Mux) stats() Stats                                   { return Stats{} }
+func (m *Mux) started() <-chan struct{}                       { return closedChan }
 func (m *Mux) close() error                                   { return nil }
 func (c *Conn) close() error                                  { return c.TCPConn.Close() }

@@ -152,6 +152,12 @@ func (m *Mux) Do(ctx context.Context, name string, fn func() error) error { retu
 // after a normal stop and an error only if it could not start. The Mux cannot be run again.
 func (m *Mux) Run(ctx context.Context) error { return m.run(ctx) }
 
+// Started is closed once Run has looked at every name Listened on before it started (each
+// existing namespace has its listeners up, or their failures reported), or when Run returns.
+// A program with more work to do at start-up can wait for it before competing for CPU with
+// the bring-up.
+func (m *Mux) Started() <-chan struct{} { return m.started() }
+
 // Stats returns the current counters.
 func (m *Mux) Stats() Stats { return m.stats() }
 

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -54,7 +55,13 @@ func probePath(path string, fallback bool) (probeResult, error) {
 		}
 		return probeResult{kind: probeNamespace, dev: st.Dev, ino: st.Ino}, nil
 	}
-	h, _, err := unix.NameToHandleAt(unix.AT_FDCWD, path, 0)
+	return probeHandleAt(unix.AT_FDCWD, path, path)
+}
+
+// probeHandleAt is probePath's handle mode for name relative to dirfd (AT_FDCWD: name is a
+// path); path names it in errors.
+func probeHandleAt(dirfd int, name, path string) (probeResult, error) {
+	h, _, err := unix.NameToHandleAt(dirfd, name, 0)
 	if err != nil {
 		if errors.Is(err, unix.ENOENT) {
 			return probeResult{kind: probeMissing}, nil
@@ -123,6 +130,86 @@ func checkNSFD(fd int, fallback bool) (ID, error) {
 		return 0, fmt.Errorf("NS_GET_ID: %w", err)
 	}
 	return ID(id), nil
+}
+
+// atHandleMntIDUnique makes name_to_handle_at report the 64-bit unique mount id (Linux 6.12+;
+// AT_HANDLE_MNT_ID_UNIQUE, not in x/sys yet).
+const atHandleMntIDUnique = 0x1
+
+// handleMntIDUnique is cleared the first time the kernel refuses atHandleMntIDUnique; the
+// mount id then comes from statx.
+var handleMntIDUnique atomic.Bool
+
+func init() { handleMntIDUnique.Store(true) }
+
+// openNSHandle opens path as a network namespace handle where nsfs gives file handles (Linux
+// 6.18+), in two system calls where openNS plus the mount id take five: the file handle of the
+// open fd carries the namespace id and type and is only ever of type FILEID_NSFS on nsfs, and
+// the same call reports the mount the fd came through. O_NONBLOCK: if the name is swapped for a
+// FIFO after its probe, the open must not wait for a writer.
+func openNSHandle(path string) (fd int, id ID, mntID uint64, err error) {
+	return openNSHandleAt(unix.AT_FDCWD, path, path)
+}
+
+// openNSHandleAt is openNSHandle for name relative to dirfd; path names it in errors.
+func openNSHandleAt(dirfd int, name, path string) (fd int, id ID, mntID uint64, err error) {
+	fd, err = unix.Openat(dirfd, name, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NOFOLLOW|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return -1, 0, 0, fmt.Errorf("open %s: %w", path, err)
+	}
+	id, mntID, err = fdNSHandle(fd)
+	if err != nil {
+		unix.Close(fd)
+		return -1, 0, 0, fmt.Errorf("%s: %w", path, err)
+	}
+	return fd, id, mntID, nil
+}
+
+// fdNSHandle reads the nsfs file handle of fd: the namespace id if fd is a network namespace
+// (errNotNetns otherwise), and the unique id of the mount fd was opened through (0: unknown).
+func fdNSHandle(fd int) (ID, uint64, error) {
+	// struct file_handle {u32 handle_bytes; s32 handle_type; u8 f_handle[]}; nsfs's body is
+	// struct nsfs_file_handle {u64 ns_id; u32 ns_type; u32 ns_inum}.
+	var buf [8 + 64]byte
+	var mnt uint64
+	var empty [1]byte
+	for {
+		binary.NativeEndian.PutUint32(buf[0:4], uint32(len(buf)-8))
+		flags := unix.AT_EMPTY_PATH
+		unique := handleMntIDUnique.Load()
+		if unique {
+			flags |= atHandleMntIDUnique
+		}
+		// Without the flag the kernel writes a 32-bit mount id into the low half of mnt.
+		mnt = 0
+		_, _, e := unix.Syscall6(unix.SYS_NAME_TO_HANDLE_AT, uintptr(fd), uintptr(unsafe.Pointer(&empty[0])),
+			uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&mnt)), uintptr(flags), 0)
+		switch {
+		case e == unix.EINVAL && unique:
+			handleMntIDUnique.Store(false)
+			continue
+		case e == unix.EOPNOTSUPP || e == unix.EOVERFLOW:
+			return 0, 0, errNotNetns // no handle at all, or one larger than nsfs's: not nsfs
+		case e != 0:
+			return 0, 0, fmt.Errorf("name_to_handle_at: %w", e)
+		}
+		break
+	}
+	n := binary.NativeEndian.Uint32(buf[0:4])
+	if int32(binary.NativeEndian.Uint32(buf[4:8])) != fileidNSFS || n < 16 ||
+		binary.NativeEndian.Uint32(buf[16:20]) != unix.CLONE_NEWNET {
+		return 0, 0, errNotNetns
+	}
+	id := ID(binary.NativeEndian.Uint64(buf[8:16]))
+	if !handleMntIDUnique.Load() {
+		mnt = 0
+		var stx unix.Statx_t
+		if err := unix.Statx(fd, "", unix.AT_EMPTY_PATH, unix.STATX_MNT_ID_UNIQUE, &stx); err == nil &&
+			stx.Mask&unix.STATX_MNT_ID_UNIQUE != 0 {
+			mnt = stx.Mnt_id
+		}
+	}
+	return id, mnt, nil
 }
 
 // threadNSID is the id of the namespace the calling thread is in, from a throw-away socket's

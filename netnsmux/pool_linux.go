@@ -27,6 +27,10 @@ type step struct {
 	name string // for error messages
 	fd   int
 	id   ID
+	// open, if set, runs first, in whatever namespace the thread is in, and gives fd and id
+	// (a namespace the registry does not hold yet, opened by the worker that enters it); an
+	// error skips the step.
+	open func() (fd int, id ID, err error)
 	fn   func() error
 }
 
@@ -184,6 +188,11 @@ func (p *pool) run(w *worker) {
 }
 
 func (p *pool) exec(w *worker, j step) (err error) {
+	if j.open != nil {
+		if j.fd, j.id, err = j.open(); err != nil {
+			return err
+		}
+	}
 	if j.id != 0 && ID(w.cur.Load()) == j.id {
 		p.skips.Add(1)
 	} else {
@@ -248,7 +257,7 @@ func (p *pool) discard(w *worker, err error) {
 // do runs fn in the namespace (fd, id) on a worker. ctx bounds only the wait for a free worker:
 // once fn started it runs to completion, because the caller's fd must outlive it.
 func (p *pool) do(ctx context.Context, name string, fd int, id ID, fn func() error) error {
-	return p.doBatch(ctx, []step{{name, fd, id, fn}})[0]
+	return p.doBatch(ctx, []step{{name: name, fd: fd, id: id, fn: fn}})[0]
 }
 
 // doBatch runs steps in order on one worker and returns one error per step.

@@ -96,8 +96,15 @@ func (m *Mux) reconcile(ctx context.Context) time.Time {
 	m.mu.Unlock()
 
 	var jobs []*listener
+	var fresh []freshItem
 	for _, it := range items {
 		name, addrs, ns := it.name, it.addrs, it.ns
+		if addrs != nil && ns == nil && !m.fallback {
+			// Not held yet (start-up, a new namespace): probed, opened and given its listeners
+			// by the workers, in parallel (bringUp).
+			fresh = append(fresh, freshItem{name: name, path: filepath.Join(m.dir, name), addrs: addrs})
+			continue
+		}
 		if addrs == nil {
 			// Nobody wants the name any more: release quietly (the namespace did not change), and
 			// leave its accepted conns alone, as Unlisten promises.
@@ -190,34 +197,180 @@ func (m *Mux) reconcile(ctx context.Context) time.Time {
 		}
 	}
 
+	if len(fresh) > 0 {
+		m.bringUp(ctx, fresh, later)
+	}
 	if len(jobs) > 0 {
 		errs := m.startListeners(ctx, jobs)
 		now = time.Now()
 		for i, l := range jobs {
-			if errs[i] == nil {
-				l.failures = 0
-				l.nextTry = time.Time{}
-				m.emit(Event{Kind: ListenerUp, Namespace: l.ns.name, ID: l.ns.id, Addr: l.addr})
-				continue
-			}
-			if ctx.Err() != nil {
-				continue
-			}
-			d := m.opts.RetryMin << min(l.failures, 20)
-			if d > m.opts.RetryMax || d <= 0 {
-				d = m.opts.RetryMax
-			}
-			l.failures++
-			l.nextTry = now.Add(d)
-			if m.retryScheduled != nil {
-				m.retryScheduled(l.ns.name, l.addr, now, d)
-			}
-			m.retrying[l.ns.name] = struct{}{}
-			later(l.nextTry)
-			m.emit(Event{Kind: ListenerFailed, Namespace: l.ns.name, ID: l.ns.id, Addr: l.addr, Err: errs[i]})
+			m.listenOutcome(ctx, l, errs[i], now, later)
 		}
 	}
 	return next
+}
+
+// listenOutcome records how creating l's socket went: ListenerUp, or ListenerFailed and the
+// next try after an exponential backoff.
+func (m *Mux) listenOutcome(ctx context.Context, l *listener, err error, now time.Time, later func(time.Time)) {
+	if err == nil {
+		l.failures = 0
+		l.nextTry = time.Time{}
+		m.emit(Event{Kind: ListenerUp, Namespace: l.ns.name, ID: l.ns.id, Addr: l.addr})
+		return
+	}
+	if ctx.Err() != nil {
+		return
+	}
+	d := m.opts.RetryMin << min(l.failures, 20)
+	if d > m.opts.RetryMax || d <= 0 {
+		d = m.opts.RetryMax
+	}
+	l.failures++
+	l.nextTry = now.Add(d)
+	if m.retryScheduled != nil {
+		m.retryScheduled(l.ns.name, l.addr, now, d)
+	}
+	m.retrying[l.ns.name] = struct{}{}
+	later(l.nextTry)
+	m.emit(Event{Kind: ListenerFailed, Namespace: l.ns.name, ID: l.ns.id, Addr: l.addr, Err: err})
+}
+
+// freshItem is a wanted name the registry holds no handle for.
+type freshItem struct {
+	name, path string
+	addrs      map[string]netip.AddrPort
+}
+
+// freshResult is what a worker made of a freshItem.
+type freshResult struct {
+	ran   bool      // the worker got to the step (false: Run is shutting down)
+	kind  probeKind // what the name is
+	err   error     // opening or identifying it failed (looked at again like a placeholder)
+	ns    *nsState  // kind == probeNamespace: the handle, not yet adopted
+	ls    []*listener
+	fds   []int   // per ls: the listening socket, until registered
+	lerrs []error // per ls: nil, or why its socket could not be made or registered
+}
+
+// errSkipStep tells the worker a fresh name is not (or no longer) a namespace: nothing to enter.
+var errSkipStep = errors.New("not a namespace")
+
+// bringUp serves names the registry holds no handle for: at start-up that is every name, so the
+// whole per-namespace path runs on the workers, one batch per worker: look at the name
+// (probeHandleAt, which opens nothing), open and identify the handle (openNSHandleAt: two
+// system calls), enter it and create each listening socket. Once every batch is done, the
+// listeners are checked (cookie) and registered with the epoll loop (one goroutine per batch),
+// which may accept on them at once; from then on their handle and conns are the registry's to
+// close, and every handle a worker opened is adopted, in order, before this returns, with its
+// events.
+func (m *Mux) bringUp(ctx context.Context, items []freshItem, later func(time.Time)) {
+	// Names are looked up relative to the directory, opened once for the pass (a directory
+	// replaced meanwhile is re-watched and every name looked at again).
+	dirfd, err := unix.Open(m.dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		dirfd = unix.AT_FDCWD // the names' paths are absolute
+	} else {
+		defer unix.Close(dirfd)
+	}
+	rel := func(it *freshItem) string {
+		if dirfd == unix.AT_FDCWD {
+			return it.path
+		}
+		return it.name
+	}
+	res := make([]freshResult, len(items))
+	steps := make([]step, len(items))
+	for i := range items {
+		it, r := &items[i], &res[i]
+		steps[i] = step{name: it.name,
+			open: func() (int, ID, error) {
+				r.ran = true
+				pr, err := probeHandleAt(dirfd, rel(it), it.path)
+				if err != nil {
+					r.err = err
+					return -1, 0, errSkipStep
+				}
+				if r.kind = pr.kind; pr.kind != probeNamespace {
+					return -1, 0, errSkipStep
+				}
+				fd, id, mntID, err := openNSHandleAt(dirfd, rel(it), it.path)
+				if err != nil {
+					r.err = err
+					return -1, 0, errSkipStep
+				}
+				r.ns = &nsState{name: it.name, fd: fd, id: id, mntID: mntID, refs: 1, listeners: make(map[string]*listener, len(it.addrs))}
+				return fd, id, nil
+			},
+			fn: func() error {
+				for addr, ap := range it.addrs {
+					fd, err := listenSocket(ap)
+					if err != nil {
+						err = fmt.Errorf("listen on %s in %s: %w", addr, it.name, err)
+					}
+					r.ls = append(r.ls, &listener{ns: r.ns, addr: addr, ap: ap, fd: -1})
+					r.fds, r.lerrs = append(r.fds, fd), append(r.lerrs, err)
+				}
+				return nil
+			}}
+	}
+	// The listeners are registered with the epoll loop once every batch has made its sockets:
+	// a socket listens (the kernel completes handshakes) from the moment it exists, and
+	// accepting on the first ones must not compete for the CPUs with making the rest.
+	errs := m.runSteps(ctx, steps, func(lo, hi int) {
+		for i := lo; i < hi; i++ {
+			r := &res[i]
+			for j, l := range r.ls {
+				if r.lerrs[j] == nil {
+					r.lerrs[j] = m.register(l, r.fds[j])
+				}
+			}
+		}
+	})
+	now := time.Now()
+	for i := range items {
+		it, r := &items[i], &res[i]
+		if !r.ran {
+			continue // Run is shutting down: nothing was opened
+		}
+		switch {
+		case r.err != nil:
+			if !errors.Is(r.err, errNotNetns) && !errors.Is(r.err, unix.ENOENT) {
+				m.log.Warn("netnsmux: opening namespace", "netns", it.name, "err", r.err)
+			}
+			later(m.retryPending(it.name, now))
+			continue
+		case r.kind == probeMissing:
+			delete(m.pending, it.name)
+			delete(m.retrying, it.name)
+			continue
+		case r.kind == probePlaceholder:
+			// `ip netns add` in progress: not an error, not served.
+			delete(m.retrying, it.name)
+			later(m.retryPending(it.name, now))
+			continue
+		}
+		ns := m.adopt(it.name, nil, r.ns)
+		delete(m.pending, it.name)
+		delete(m.retrying, it.name)
+		m.mu.Lock()
+		for _, l := range r.ls {
+			ns.listeners[l.addr] = l
+		}
+		// Entering the namespace failed (errs[i]): its listeners are tried again like any
+		// other that failed.
+		for addr, ap := range it.addrs {
+			if ns.listeners[addr] == nil {
+				l := &listener{ns: ns, addr: addr, ap: ap, fd: -1}
+				ns.listeners[addr] = l
+				r.ls, r.lerrs = append(r.ls, l), append(r.lerrs, fmt.Errorf("listen on %s in %s: %w", addr, it.name, errs[i]))
+			}
+		}
+		m.mu.Unlock()
+		for j, l := range r.ls {
+			m.listenOutcome(ctx, l, r.lerrs[j], now, later)
+		}
+	}
 }
 
 // adopt makes nns the handle held for name, replacing old (nil: none). The old namespace's
@@ -271,6 +424,13 @@ func (m *Mux) same(ns *nsState, pr probeResult) bool {
 
 // openHandle opens and identity-checks the namespace at path.
 func (m *Mux) openHandle(ctx context.Context, name, path string) (*nsState, error) {
+	if !m.fallback {
+		fd, id, mntID, err := openNSHandle(path)
+		if err != nil {
+			return nil, err
+		}
+		return &nsState{name: name, fd: fd, id: id, mntID: mntID, refs: 1, listeners: map[string]*listener{}}, nil
+	}
 	fd, id, err := openNS(path, m.fallback)
 	if err != nil {
 		return nil, err
@@ -305,38 +465,52 @@ func (m *Mux) openHandle(ctx context.Context, name, path string) (*nsState, erro
 	return ns, nil
 }
 
-// startListeners creates the listening sockets of jobs, one batch per worker, and registers
-// them with the epoll loop.
+// startListeners creates the listening sockets of jobs in their (held) namespaces, one batch
+// per worker, and registers them with the epoll loop as they are made.
 func (m *Mux) startListeners(ctx context.Context, jobs []*listener) []error {
-	errs := make([]error, len(jobs))
-	fds := make([]int, len(jobs))
 	steps := make([]step, len(jobs))
+	ran := make([]bool, len(jobs))
 	for i, l := range jobs {
-		fds[i] = -1
 		steps[i] = step{name: l.ns.name, fd: l.ns.fd, id: l.ns.id, fn: func() error {
-			var err error
-			fds[i], err = listenSocket(l.ap)
-			return err
+			ran[i] = true
+			fd, err := listenSocket(l.ap)
+			if err != nil {
+				return fmt.Errorf("listen on %s in %s: %w", l.addr, l.ns.name, err)
+			}
+			return m.register(l, fd)
 		}}
 	}
-	nb := min(m.opts.Workers, len(jobs))
-	per := (len(jobs) + nb - 1) / nb
-	var wg sync.WaitGroup
-	for lo := 0; lo < len(jobs); lo += per {
-		hi := min(lo+per, len(jobs))
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			copy(errs[lo:hi], m.pool.doBatch(ctx, steps[lo:hi]))
-		}()
-	}
-	wg.Wait()
+	errs := m.runSteps(ctx, steps, nil)
 	for i, l := range jobs {
-		if errs[i] != nil {
+		if errs[i] != nil && !ran[i] {
 			errs[i] = fmt.Errorf("listen on %s in %s: %w", l.addr, l.ns.name, errs[i])
-			continue
 		}
-		errs[i] = m.register(l, fds[i])
+	}
+	return errs
+}
+
+// runSteps runs steps on the workers, one batch per worker, and returns one error per step.
+// after, if set, is called with each batch's bounds once every batch has run (in parallel,
+// one goroutine per batch).
+func (m *Mux) runSteps(ctx context.Context, steps []step, after func(lo, hi int)) []error {
+	errs := make([]error, len(steps))
+	nb := min(m.opts.Workers, len(steps))
+	per := (len(steps) + nb - 1) / nb
+	each := func(fn func(lo, hi int)) {
+		var wg sync.WaitGroup
+		for lo := 0; lo < len(steps); lo += per {
+			hi := min(lo+per, len(steps))
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				fn(lo, hi)
+			}()
+		}
+		wg.Wait()
+	}
+	each(func(lo, hi int) { copy(errs[lo:hi], m.pool.doBatch(ctx, steps[lo:hi])) })
+	if after != nil {
+		each(after)
 	}
 	return errs
 }

@@ -21,8 +21,12 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime"
+	"runtime/debug"
 	"strings"
+	"sync"
 	"syscall"
+	"unsafe"
 
 	"nstarget/conf"
 	"nstarget/netnsmux"
@@ -249,6 +253,53 @@ func indentErrors(err error) error {
 	return err
 }
 
+// madvPopulateWrite is Linux's MADV_POPULATE_WRITE (5.14+).
+const madvPopulateWrite = 23
+
+// startupMemoryLimit bounds the heap while the collector is off at start-up (startupGC); a
+// lower GOMEMLIMIT wins.
+const startupMemoryLimit = 512 << 20
+
+// startupGC turns the garbage collector off, within startupMemoryLimit, and returns what turns
+// it back to how it was (GOGC, GOMEMLIMIT); that is idempotent.
+func startupGC() (restore func()) {
+	limit := debug.SetMemoryLimit(-1)
+	if limit > startupMemoryLimit {
+		debug.SetMemoryLimit(startupMemoryLimit)
+	}
+	percent := debug.SetGCPercent(-1)
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			debug.SetGCPercent(percent)
+			debug.SetMemoryLimit(limit)
+		})
+	}
+}
+
+// prefaultHeap gives the heap the memory start-up will use, with its pages already backed: a
+// page fault costs ~18 µs of CPU on the VMs this runs on (measured on the 2-core PVM guest),
+// populating a page with MADV_POPULATE_WRITE under 1 µs, and 1024 tenants took ~3700 fresh
+// heap pages (16 MiB allocated by the time every tenant is built: ~85 bytes per byte of
+// configuration). A buffer of 100 bytes per configuration byte (4 to 256 MiB) is populated,
+// then freed by one collection while the heap is still small, and the allocations that follow
+// reuse its pages (the collector is off meanwhile, so nothing hands them back to the OS):
+// 1024 tenants, exec to every tenant built, 5300 page faults and 241 ms of CPU before, 1600
+// and 206 ms with it. Without MADV_POPULATE_WRITE (before Linux 5.14) it does nothing.
+func prefaultHeap(configBytes int) {
+	if runtime.GOOS != "linux" {
+		return
+	}
+	n := min(max(configBytes*100, 4<<20), 256<<20)
+	b := make([]byte, n)
+	if _, _, e := syscall.Syscall(syscall.SYS_MADVISE, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), madvPopulateWrite); e != 0 {
+		return
+	}
+	runtime.KeepAlive(b)
+	b = nil
+	runtime.GC()
+}
+
 func cmdServe(args []string, stderr io.Writer) error {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	file := configFlag(fs)
@@ -275,9 +326,24 @@ func cmdServe(args []string, stderr io.Writer) error {
 		defer ln.Close()
 		log.Info("pprof serving", "addr", ln.Addr().String())
 	}
+	// Start-up allocates a lot that stays (the configuration, the tenants' state) in a fresh
+	// heap: collecting while the heap grows to its working size is work thrown away. The
+	// collector is off (bounded by a memory limit) until every tenant is built.
+	restoreGC := startupGC()
+	defer restoreGC()
 	// The volumes are checked by serve once it holds them (checking them here too would
 	// cost a second pass over every volume at start-up).
-	cfg, err := conf.Load(*file)
+	data, err := os.ReadFile(*file)
+	if err != nil {
+		return fmt.Errorf("read config: %w", err)
+	}
+	prefaultHeap(len(data))
+	// The fd table is grown to its working size while the file is parsed: the growth waits
+	// for an RCU grace period (netnsmux.ReserveFDs), and parsing opens no file that would
+	// wait for it.
+	nofile := raiseFDLimit(log)
+	go netnsmux.ReserveFDs(0)
+	cfg, err := conf.Parse(*file, data)
 	if err != nil {
 		return indentErrors(err)
 	}
@@ -290,7 +356,18 @@ func cmdServe(args []string, stderr io.Writer) error {
 	}
 	defer ctl.close()
 	sd := newNotifier(log)
-	ready := newReadiness(cfg, sd.Ready)
+	// The readiness looks at every tenant's namespace (a stat each): done beside the bring-up
+	// instead of before it; events wait for it (they come from the bring-up, well after).
+	var ready *readiness
+	readyMade := make(chan struct{})
+	go func() {
+		ready = newReadiness(cfg, sd.Ready)
+		close(readyMade)
+	}()
+	readiness := func() *readiness {
+		<-readyMade
+		return ready
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	go func() {
@@ -331,8 +408,9 @@ func cmdServe(args []string, stderr io.Writer) error {
 		}
 		defer stopMetrics()
 	}
-	onEvent := func(ev netnsmux.Event) { ctl.event(ev); ready.event(ev); exp.event(ev) }
+	onEvent := func(ev netnsmux.Event) { ctl.event(ev); readiness().event(ev); exp.event(ev) }
 	onService := func(svc *service) {
+		restoreGC()
 		// systemd hears RELOADING=1 then READY=1 around every reload, however it came.
 		svc.reloading, svc.reloaded = sd.Reloading, sd.Ready
 		ctl.svc.Store(svc)
@@ -340,9 +418,9 @@ func cmdServe(args []string, stderr io.Writer) error {
 		if svc.pool != nil {
 			exp.pool.Store(svc.pool)
 		}
-		ready.started()
+		readiness().started()
 	}
-	return serve(ctx, cfg, serveOptions{Logger: log, OnEvent: onEvent, OnService: onService, OnServer: func(s *target.Server) {
+	return serve(ctx, cfg, serveOptions{Logger: log, OnEvent: onEvent, OnService: onService, FDLimit: nofile, OnServer: func(s *target.Server) {
 		usage.srv.Store(s)
 		ctl.srv.Store(s)
 		exp.srv.Store(s)

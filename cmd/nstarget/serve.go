@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
 	"sync"
 	"time"
 
@@ -27,6 +28,9 @@ type serveOptions struct {
 	// OnService, if set, receives the running service once every tenant is set up (to reload
 	// it); it must not block.
 	OnService func(*service)
+	// FDLimit is RLIMIT_NOFILE as the caller already raised it (raiseFDLimit); 0: serve raises
+	// it.
+	FDLimit uint64
 }
 
 // tenantRun is a tenant being served: what the accept loop needs to hand a connection to the
@@ -70,6 +74,12 @@ func (tr *targetRun) luMap() map[uint64]*scsi.LU {
 // serve runs every tenant of cfg until ctx is done, then shuts down cleanly: listeners first,
 // then sessions (logout requests), then namespaces, then the pool (synced). cfg must have
 // passed conf.Load; its volumes are checked here.
+//
+// Start-up is ordered for a fast bring-up: the namespaces' listeners are brought up by netnsmux's
+// workers while this goroutine checks and opens the volumes and makes the targets. A connection
+// accepted meanwhile waits, in its own goroutine, until every tenant is built (acceptLoop), so no
+// login is answered before the LUNs it could see are open; if the volumes fail, serve returns
+// their error and such connections are closed unanswered.
 func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error) {
 	log := opts.Logger
 	if log == nil {
@@ -77,6 +87,10 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 	}
 	if opts.ShutdownTimeout <= 0 {
 		opts.ShutdownTimeout = 10 * time.Second
+	}
+	nofile := opts.FDLimit
+	if nofile == 0 {
+		nofile = raiseFDLimit(log)
 	}
 	// Before the volumes are opened (one fd each): one fd-table expansion now instead of one
 	// RCU grace period per doubling while a thousand volumes open (netnsmux.ReserveFDs).
@@ -90,28 +104,29 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 			err = fmt.Errorf("close volumes: %w", cerr)
 		}
 	}()
-	if err := cfg.CheckVolumes(store.Check); err != nil {
-		return indentErrors(err)
-	}
 
-	srv := target.NewServer(targetOptions(log, cfg.Server, raiseFDLimit(log)))
+	srv := target.NewServer(targetOptions(log, cfg.Server, nofile))
 	if opts.OnServer != nil {
 		opts.OnServer(srv)
 	}
 	svc := &service{log: log, store: store, pool: pool, srv: srv, cfg: cfg, byNetns: make(map[string]*tenantRun, len(cfg.Tenants)), drained: make(chan struct{})}
-	for _, tn := range cfg.Tenants {
-		rt, err := buildTenant(store, srv, tn)
-		if err != nil {
-			return err
-		}
-		svc.byNetns[tn.Netns] = rt
-	}
 
+	// Events name the tenant; until the tenants are built, from the configuration.
+	startNames := make(map[string]string, len(cfg.Tenants))
+	for _, tn := range cfg.Tenants {
+		startNames[tn.Netns] = tn.Name
+	}
+	built := make(chan struct{}) // closed once every tenant of cfg is in svc
 	tenantOf := func(ns string) string {
 		if rt := svc.lookup(ns); rt != nil {
 			return rt.t.Name
 		}
-		return ""
+		select {
+		case <-built:
+			return ""
+		default:
+			return startNames[ns]
+		}
 	}
 	mux, err := netnsmux.New(netnsmux.Options{
 		Dir:    cfg.Server.NetnsDir,
@@ -139,11 +154,6 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 	defer stopRun()
 	runDone := make(chan error, 1)
 	go func() { runDone <- mux.Run(runCtx) }()
-	poolDone := make(chan struct{})
-	go func() {
-		defer close(poolDone)
-		svc.watchPool(runCtx, cfg.Server.PoolSoftThreshold)
-	}()
 
 	acceptCtx, stopAccept := context.WithCancel(ctx)
 	defer stopAccept()
@@ -153,7 +163,32 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 	acceptDone := make(chan struct{})
 	go func() {
 		defer close(acceptDone)
-		acceptLoop(acceptCtx, log, mux, srv, svc.lookup, connCtx, &conns)
+		acceptLoop(acceptCtx, log, mux, srv, svc.lookup, built, connCtx, &conns)
+	}()
+
+	// The volumes and targets, while the listeners come up where there are CPUs to spare for
+	// both, else once they are (the listeners are what every tenant waits for first; logins
+	// wait for the volumes in any case). Nothing is opened unless every volume passes the check
+	// (no volume is created or grown for a configuration that fails).
+	if runtime.GOMAXPROCS(0) <= 2 {
+		<-mux.Started()
+	}
+	if err := buildTenants(cfg, store, srv, svc); err != nil {
+		stopAccept()
+		<-acceptDone
+		stopConns() // connections waiting for the tenants end unanswered
+		conns.Wait()
+		mux.Close()
+		stopRun()
+		<-runDone
+		return err
+	}
+	close(built)
+
+	poolDone := make(chan struct{})
+	go func() {
+		defer close(poolDone)
+		svc.watchPool(runCtx, cfg.Server.PoolSoftThreshold)
 	}()
 	if opts.OnService != nil {
 		opts.OnService(svc)
@@ -278,11 +313,31 @@ func buildLUN(store volumeStore, tn *conf.Tenant, tc *conf.Target, l *conf.LUN) 
 	return lunRun{lu: lu, vol: vol}, nil
 }
 
+// buildTenants checks every volume of cfg, then opens them and registers each tenant, with its
+// targets, in svc.
+func buildTenants(cfg *conf.Config, store volumeStore, srv *target.Server, svc *service) error {
+	if err := cfg.CheckVolumes(store.Check); err != nil {
+		return indentErrors(err)
+	}
+	for _, tn := range cfg.Tenants {
+		rt, err := buildTenant(store, srv, tn)
+		if err != nil {
+			return err
+		}
+		svc.mu.Lock()
+		svc.byNetns[tn.Netns] = rt
+		svc.mu.Unlock()
+	}
+	return nil
+}
+
 // acceptLoop hands every accepted connection to the target layer under the tenant of the
 // namespace it arrived in, until ctx is done. Each connection's goroutine is counted in conns
-// and ends when connCtx is done or the connection ends.
+// and ends when connCtx is done or the connection ends. A connection accepted before built is
+// closed waits for it in its goroutine (serve is still opening volumes); if connCtx ends first
+// it is closed unanswered.
 func acceptLoop(ctx context.Context, log *slog.Logger, mux *netnsmux.Mux, srv *target.Server,
-	lookup func(netns string) *tenantRun, connCtx context.Context, conns *sync.WaitGroup) {
+	lookup func(netns string) *tenantRun, built <-chan struct{}, connCtx context.Context, conns *sync.WaitGroup) {
 	for {
 		c, err := mux.Accept(ctx)
 		if err != nil {
@@ -297,32 +352,63 @@ func acceptLoop(ctx context.Context, log *slog.Logger, mux *netnsmux.Mux, srv *t
 			}
 			continue
 		}
-		rt := lookup(c.Namespace)
-		if rt == nil {
-			// Only namespaces we asked to Listen in can produce conns; be strict anyway.
-			log.Error("connection from a namespace no tenant owns", "netns", c.Namespace, "netns_id", uint64(c.ID))
-			c.Close()
+		select {
+		case <-built:
+		default:
+			conns.Add(1)
+			go func() {
+				defer conns.Done()
+				select {
+				case <-built:
+				case <-connCtx.Done():
+					c.Close()
+					return
+				}
+				if rt := tenantFor(log, lookup, c); rt != nil {
+					serveConn(log, srv, rt, c, connCtx)
+				}
+			}()
 			continue
 		}
-		// The target layer adds tenant and remote itself; it gets what only we know.
-		nsAttrs := []slog.Attr{slog.String("netns", c.Namespace), slog.Uint64("netns_id", uint64(c.ID))}
-		attrs := append([]slog.Attr{slog.String("tenant", rt.t.Name), slog.String("remote", c.RemoteAddr().String())}, nsAttrs...)
+		rt := tenantFor(log, lookup, c)
+		if rt == nil {
+			continue
+		}
 		conns.Add(1)
 		go func() {
 			defer conns.Done()
-			log.LogAttrs(connCtx, slog.LevelDebug, "connection accepted", attrs...)
-			err := srv.ServeConn(connCtx, c, rt.t, nsAttrs...)
-			lv := slog.LevelInfo
-			switch {
-			case errors.Is(err, target.ErrRefused):
-				// The target logged the refusal, rate-limited; a flood must not return here.
-				lv = slog.LevelDebug
-			case err != nil && !errors.Is(err, context.Canceled):
-				lv = slog.LevelWarn
-			}
-			log.LogAttrs(context.Background(), lv, "connection ended", append(attrs, slog.Any("err", err))...)
+			serveConn(log, srv, rt, c, connCtx)
 		}()
 	}
+}
+
+// tenantFor is the tenant a connection came to, or nil (the connection is then closed).
+func tenantFor(log *slog.Logger, lookup func(netns string) *tenantRun, c *netnsmux.Conn) *tenantRun {
+	rt := lookup(c.Namespace)
+	if rt == nil {
+		// Only namespaces we asked to Listen in can produce conns; be strict anyway.
+		log.Error("connection from a namespace no tenant owns", "netns", c.Namespace, "netns_id", uint64(c.ID))
+		c.Close()
+	}
+	return rt
+}
+
+// serveConn serves one connection of tenant rt until it ends or connCtx is done.
+func serveConn(log *slog.Logger, srv *target.Server, rt *tenantRun, c *netnsmux.Conn, connCtx context.Context) {
+	// The target layer adds tenant and remote itself; it gets what only we know.
+	nsAttrs := []slog.Attr{slog.String("netns", c.Namespace), slog.Uint64("netns_id", uint64(c.ID))}
+	attrs := append([]slog.Attr{slog.String("tenant", rt.t.Name), slog.String("remote", c.RemoteAddr().String())}, nsAttrs...)
+	log.LogAttrs(connCtx, slog.LevelDebug, "connection accepted", attrs...)
+	err := srv.ServeConn(connCtx, c, rt.t, nsAttrs...)
+	lv := slog.LevelInfo
+	switch {
+	case errors.Is(err, target.ErrRefused):
+		// The target logged the refusal, rate-limited; a flood must not return here.
+		lv = slog.LevelDebug
+	case err != nil && !errors.Is(err, context.Canceled):
+		lv = slog.LevelWarn
+	}
+	log.LogAttrs(context.Background(), lv, "connection ended", append(attrs, slog.Any("err", err))...)
 }
 
 func logEvent(log *slog.Logger, tenant string, ev netnsmux.Event) {
