@@ -64,6 +64,8 @@ type conn struct {
 
 	writerStarted bool // set by serve before it starts writeLoop
 
+	sock io.Reader // nc, or a reader that spins on it briefly before parking (spinread_linux.go)
+
 	wlock sync.Mutex // held by whoever writes to nc; guards the fields below
 	nb    net.Buffers
 	iov   [][]byte
@@ -97,7 +99,8 @@ func newConn(s *Server, nc net.Conn, t *Tenant, attrs []slog.Attr) *conn {
 		space:  make(chan struct{}, 1),
 		wdone:  make(chan struct{}),
 	}
-	c.br = bufio.NewReaderSize(newSocketReader(nc, &c.pending), 64<<10)
+	c.sock = newSocketReader(nc, &c.pending)
+	c.br = bufio.NewReaderSize(c.sock, 64<<10)
 	c.pr.r = c.br
 	return c
 }
@@ -283,6 +286,9 @@ func (c *conn) login() error {
 			// queues its logout request behind that response instead of cutting the
 			// connection.
 			c.startCore(ls)
+			if sp, ok := c.sock.(interface{ enableSpin() }); ok && !ls.discovery {
+				sp.enableSpin()
+			}
 		}
 		var p outPDU
 		*p.bhs() = resp

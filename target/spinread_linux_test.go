@@ -32,9 +32,11 @@ func tcpPair(t *testing.T) (server, client net.Conn) {
 func TestSpinReaderDeliversBytesThenEOF(t *testing.T) {
 	server, client := tcpPair(t)
 	r := newSocketReader(server, nil)
-	if _, ok := r.(*spinReader); !ok {
+	sr, ok := r.(*spinReader)
+	if !ok {
 		t.Fatalf("TCP conn got %T, want *spinReader", r)
 	}
+	sr.enableSpin()
 	go func() {
 		client.Write([]byte("now"))
 		time.Sleep(20 * time.Microsecond) // within the spin
@@ -56,6 +58,7 @@ func TestSpinReaderDeliversBytesThenEOF(t *testing.T) {
 func TestSpinReaderHonoursReadDeadline(t *testing.T) {
 	server, _ := tcpPair(t)
 	r := newSocketReader(server, nil)
+	r.(*spinReader).enableSpin()
 	server.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
 	_, err := r.Read(make([]byte, 10))
 	var ne net.Error
@@ -68,6 +71,7 @@ func TestSpinReaderHonoursReadDeadline(t *testing.T) {
 func TestSpinReaderReadDoesNotAllocate(t *testing.T) {
 	server, client := tcpPair(t)
 	r := newSocketReader(server, nil)
+	r.(*spinReader).enableSpin()
 	msg := []byte("0123456789abcdef")
 	buf := make([]byte, len(msg))
 	allocs := testing.AllocsPerRun(200, func() {
