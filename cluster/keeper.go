@@ -51,7 +51,11 @@ type keeper struct {
 func startKeeper(ctx context.Context, cli *clientv3.Client, id clientv3.LeaseID, sent time.Time, ttl, margin time.Duration, log *slog.Logger, onLost func(string)) (stop func()) {
 	k := &keeper{cli: cli, id: id, margin: margin, every: (ttl - margin) / 3, log: log, onLost: onLost}
 	k.deadline = sent.Add(ttl - margin)
+	// Under mu: a deadline already past (a grant that took longer than ttl - margin) fires
+	// the timer at once, and expire must find k.timer set.
+	k.mu.Lock()
 	k.timer = time.AfterFunc(time.Until(k.deadline), func() { k.expire("no keepalive answer in time") })
+	k.mu.Unlock()
 	rctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() {

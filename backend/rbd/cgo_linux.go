@@ -46,7 +46,9 @@ import "C"
 
 import (
 	"fmt"
+	"strings"
 	"syscall"
+	"time"
 	"unsafe"
 )
 
@@ -115,6 +117,21 @@ func (c radosConn) connect() error {
 }
 
 func (c radosConn) shutdown() { C.rados_shutdown(c.h) }
+
+// blocklistAdd blocklists the rados client at addr for expire, then waits until this client
+// has the osdmap that holds the entry, so every operation it sends from then on tells the
+// OSDs about it.
+func (c radosConn) blocklistAdd(addr string, expire time.Duration) error {
+	a := cString(addr)
+	defer freeCString(a)
+	if r := C.rados_blocklist_add(c.h, a, C.uint32_t(expire/time.Second)); r < 0 {
+		return errno(int64(r))
+	}
+	if r := C.rados_wait_for_latest_osdmap(c.h); r < 0 {
+		return errno(int64(r))
+	}
+	return nil
+}
 
 func (c radosConn) ioctx(pool string) (C.rados_ioctx_t, error) {
 	p := cString(pool)
@@ -258,6 +275,58 @@ func rbdMetaGet(h C.rbd_image_t, key string) (val string, ok bool, err error) {
 		val = C.GoString(buf)
 		C.free(unsafe.Pointer(buf))
 		return val, true, nil
+	}
+}
+
+// rbdMetaPrefix returns the image metadata whose keys begin with prefix, in one round trip; ok
+// is false if there were more than it asked for (the caller then reads keys one by one).
+func rbdMetaPrefix(h C.rbd_image_t, prefix string) (kv map[string]string, ok bool, err error) {
+	const most = 32
+	start := cString(prefix) // listing starts after this key; ours all have more after it
+	defer freeCString(start)
+	kn, vn := C.size_t(1024), C.size_t(8192)
+	for {
+		kb, vb := (*C.char)(C.malloc(kn)), (*C.char)(C.malloc(vn))
+		if kb == nil || vb == nil {
+			C.free(unsafe.Pointer(kb))
+			C.free(unsafe.Pointer(vb))
+			return nil, false, syscall.ENOMEM
+		}
+		gk, gv := kn, vn
+		r := C.rbd_metadata_list(h, start, most, kb, &gk, vb, &gv)
+		if r == -C.ERANGE {
+			C.free(unsafe.Pointer(kb))
+			C.free(unsafe.Pointer(vb))
+			kn, vn = max(gk, 2*kn), max(gv, 2*vn)
+			continue
+		}
+		if r < 0 {
+			C.free(unsafe.Pointer(kb))
+			C.free(unsafe.Pointer(vb))
+			return nil, false, errno(int64(r))
+		}
+		keys := C.GoBytes(unsafe.Pointer(kb), C.int(gk))
+		vals := C.GoBytes(unsafe.Pointer(vb), C.int(gv))
+		C.free(unsafe.Pointer(kb))
+		C.free(unsafe.Pointer(vb))
+		kv = map[string]string{}
+		ks := strings.Split(strings.TrimRight(string(keys), "\x00"), "\x00")
+		vs := strings.Split(strings.TrimRight(string(vals), "\x00"), "\x00")
+		n := 0
+		for i, k := range ks {
+			if k == "" {
+				continue
+			}
+			n++
+			if !strings.HasPrefix(k, prefix) {
+				return kv, true, nil // past our keys: that is all of them
+			}
+			if i >= len(vs) {
+				return nil, false, nil
+			}
+			kv[k] = vs[i]
+		}
+		return kv, n < most, nil
 	}
 }
 

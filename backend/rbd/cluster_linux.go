@@ -44,6 +44,7 @@ type Cluster struct {
 	mu      sync.Mutex
 	open    map[string]*image        // by name; an image is opened once per Cluster
 	pending map[string]chan struct{} // names being opened; closed when that is done
+	fences  map[string]*fence        // by holder address: the blocklistings of this client
 	closed  bool
 	// opening counts opens in progress outside mu (they talk to the cluster: a takeover
 	// opens many images at once); Close waits for them before it destroys the io context.
@@ -94,9 +95,13 @@ func Connect(cfg Config) (*Cluster, error) {
 		// Unmap promises zeros for the whole range; by default librbd silently skips the
 		// parts of a discard that do not cover whole 64 KiB granules.
 		{"rbd_skip_partial_discard", "false"},
-		// Fencing is breaking the lock; without the blocklist the old owner would keep
-		// writing. This is librbd's default, set so that no ceph.conf can turn it off.
-		{"rbd_blocklist_on_break_lock", "true"},
+		// Fencing is blocklisting the holder, then breaking its lock; without the blocklist
+		// the old owner would keep writing. lock blocklists each holder itself, once for
+		// all of that holder's images (see Cluster.blocklist), so librbd's own blocklist on
+		// break is off: it would ask the monitors once per image, and a takeover of a dead
+		// node's 300 images would make 300 osdmap epochs that every OSD and client must
+		// process before the images open.
+		{"rbd_blocklist_on_break_lock", "false"},
 	}
 	for _, kv := range settings {
 		if err := conn.set(kv[0], kv[1]); err != nil {
@@ -119,7 +124,7 @@ func Connect(cfg Config) (*Cluster, error) {
 		conn.shutdown()
 		return nil, fmt.Errorf("rbd: cluster fsid: %w", err)
 	}
-	return &Cluster{pool: cfg.Pool, conn: conn, io: io, id: poolID(fsid, ioctxID(io)), open: make(map[string]*image), pending: make(map[string]chan struct{})}, nil
+	return &Cluster{pool: cfg.Pool, conn: conn, io: io, id: poolID(fsid, ioctxID(io)), open: make(map[string]*image), pending: make(map[string]chan struct{}), fences: make(map[string]*fence)}, nil
 }
 
 // poolID is the identity the SCSI layer derives device identifiers from (backend.Identified).
@@ -269,6 +274,7 @@ func (c *Cluster) Open(name string, size int64, opts OpenOptions) (*Image, error
 // openImage opens, locks and sizes a new image handle; Open makes sure that no other open of
 // the same name runs at the same time.
 func (c *Cluster) openImage(name string, size int64, opts OpenOptions) (*image, error) {
+	start := time.Now()
 	h, err := rbdOpen(c.io, name, false)
 	if errors.Is(err, syscall.ENOENT) {
 		err = rbdCreate(c.io, name, size)
@@ -307,7 +313,8 @@ func (c *Cluster) openImage(name string, size int64, opts OpenOptions) (*image, 
 	if cur > size {
 		return nil, fmt.Errorf("rbd: image %s: existing size %d > configured %d: %w", name, cur, size, backend.ErrShrink)
 	}
-	if err := c.lock(h, name, opts.Fence); err != nil {
+	opened := time.Now()
+	if err := c.lock(h, name, opts.Fence, start, opened); err != nil {
 		return nil, err
 	}
 	locked = true
@@ -325,6 +332,11 @@ func (c *Cluster) openImage(name string, size int64, opts OpenOptions) (*image, 
 	}
 	img := &image{c: c, name: name, h: h, refs: 1}
 	img.size.Store(size)
+	// Read with the lock held, so nobody else can change it meanwhile; a failure only costs
+	// the round trips LoadState then makes itself.
+	if kv, all, err := rbdMetaPrefix(h, stateKeyPrefix); err == nil && all {
+		img.stateOK, img.stateAt, img.stateUsed = true, kv, map[string]bool{}
+	}
 	ok = true
 	return img, nil
 }
@@ -334,7 +346,7 @@ func (c *Cluster) openImage(name string, size int64, opts OpenOptions) (*image, 
 // lock over and, if the holder hangs, block for about 30 s. (That can still happen, bounded,
 // if another client takes the lock between the listing and the acquire.) A lock taken with
 // rbd_lock_acquire is never handed over on request: a peer asking for it gets -EROFS.
-func (c *Cluster) lock(h C.rbd_image_t, name string, fence bool) error {
+func (c *Cluster) lock(h C.rbd_image_t, name string, fence bool, start, opened time.Time) error {
 	owners, err := rbdLockOwners(h)
 	if err != nil {
 		return fmt.Errorf("rbd: image %s: list lock owners: %w", name, err)
@@ -343,8 +355,14 @@ func (c *Cluster) lock(h C.rbd_image_t, name string, fence bool) error {
 		// The owner is the holder's rados client address, which names the node.
 		return fmt.Errorf("rbd: image %s: held by %s: %w", name, strings.Join(owners, ", "), ErrLocked)
 	}
+	listed := time.Now()
+	var broken []string
 	for _, o := range owners {
-		start := time.Now()
+		if err := c.blocklist(o); err != nil {
+			return fmt.Errorf("rbd: image %s: fence: blocklist %s: %w", name, o, err)
+		}
+		// Only now, with the holder blocklisted (librbd's blocklist on break is off), is
+		// its lock broken.
 		err := rbdLockBreak(h, o)
 		if errors.Is(err, syscall.ENOENT) {
 			continue // the holder released it meanwhile, which is as good as a break
@@ -352,9 +370,17 @@ func (c *Cluster) lock(h C.rbd_image_t, name string, fence bool) error {
 		if err != nil {
 			return fmt.Errorf("rbd: image %s: fence: break lock of %s: %w", name, o, err)
 		}
-		// Fencing stops another node's I/O: operators must be able to see that it happened.
-		slog.Warn("rbd: fenced the previous lock holder", "pool", c.pool, "image", name, "holder", o, "took", time.Since(start))
+		broken = append(broken, o)
 	}
+	broke := time.Now()
+	defer func() {
+		if len(broken) > 0 {
+			// Fencing stops another node's I/O: operators must be able to see that it
+			// happened. How long each step took is what a takeover of many tenants waits on.
+			slog.Warn("rbd: fenced the previous lock holder", "pool", c.pool, "image", name, "holder", strings.Join(broken, ", "),
+				"open", opened.Sub(start), "owners", listed.Sub(opened), "break", broke.Sub(listed), "acquire", time.Since(broke))
+		}
+	}()
 	if err := rbdLockAcquire(h); err != nil {
 		if errors.Is(err, syscall.EROFS) || errors.Is(err, syscall.EBUSY) {
 			// Another client took the lock between listing and acquiring.
@@ -363,6 +389,54 @@ func (c *Cluster) lock(h C.rbd_image_t, name string, fence bool) error {
 		return fmt.Errorf("rbd: image %s: acquire lock: %w", name, err)
 	}
 	return nil
+}
+
+// fence is one blocklisting of a lock holder by this client.
+type fence struct {
+	done chan struct{} // closed when the blocklisting is over
+	at   time.Time     // when it succeeded
+	err  error
+}
+
+// blocklistExpire is how long a fenced holder stays on the blocklist (the monitors' own
+// default, mon_osd_blocklist_default_expire, made explicit): a fenced process must have
+// stopped by then. fenceReuse is how long a successful blocklisting of a holder is relied on
+// for its other images without asking the monitors again: far below blocklistExpire, since
+// the entry must outlive every break that relies on it.
+const (
+	blocklistExpire = time.Hour
+	fenceReuse      = 10 * time.Minute
+)
+
+// blocklist blocklists the rados client at addr, once for all the images it holds: the
+// first caller asks the monitors (and waits for the osdmap that holds the entry), the
+// callers that come meanwhile wait for its answer, and later ones reuse a success for
+// fenceReuse. A failure is not remembered: the next caller tries again.
+func (c *Cluster) blocklist(addr string) error {
+	c.mu.Lock()
+	f := c.fences[addr]
+	if f != nil && (f.err != nil || f.at.IsZero() || time.Since(f.at) <= fenceReuse) {
+		// Under way (wait for it) or done and recent enough.
+		c.mu.Unlock()
+		<-f.done
+		return f.err
+	}
+	f = &fence{done: make(chan struct{})}
+	c.fences[addr] = f
+	c.mu.Unlock()
+	start := time.Now()
+	err := c.conn.blocklistAdd(addr, blocklistExpire)
+	c.mu.Lock()
+	f.err, f.at = err, time.Now()
+	if err != nil {
+		delete(c.fences, addr) // not remembered: the next caller tries again
+	}
+	close(f.done)
+	c.mu.Unlock()
+	if err == nil {
+		slog.Warn("rbd: blocklisted a lock holder", "pool", c.pool, "holder", addr, "took", time.Since(start))
+	}
+	return err
 }
 
 // release drops one reference to img and closes it with the last one.

@@ -31,6 +31,15 @@ type image struct {
 	closed bool
 
 	growMu sync.Mutex // serialises Grow's check-then-resize
+
+	// The image's state (our metadata keys) as read at open, in the same breath as the
+	// lock, so that the first LoadState of each key (the SCSI layer's, when the LU is made,
+	// during a reload that serves hundreds of tenants at once) needs no round trip of its
+	// own. Each key is handed out once: later loads read the image again; SaveState drops it.
+	stateMu   sync.Mutex
+	stateOK   bool              // stateAt holds every state key the image had at open
+	stateAt   map[string]string // by full metadata key
+	stateUsed map[string]bool
 }
 
 // Image is one user's reference to an open RBD image; it implements backend.Volume plus Grow.

@@ -5,6 +5,7 @@ package rbd
 import (
 	"bufio"
 	"bytes"
+	"encoding/json"
 	"errors"
 	"io"
 	"os"
@@ -356,4 +357,54 @@ func benchWrite(b *testing.B, bs, size int64, random bool) {
 			}
 		}
 	})
+}
+
+// osdmapEpoch is the cluster's current osdmap epoch.
+func osdmapEpoch(t *testing.T) int {
+	t.Helper()
+	out, err := ceph.Ceph("osd", "stat", "--format", "json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st struct{ Epoch int }
+	if err := json.Unmarshal([]byte(out), &st); err != nil || st.Epoch == 0 {
+		t.Fatalf("osd stat %q: %v", out, err)
+	}
+	return st.Epoch
+}
+
+// A takeover of many images of one dead holder asks the monitors once: one blocklist entry,
+// one new osdmap, not one per image (which made every OSD and client process hundreds of
+// maps during a takeover). Every image is still fenced: the old holder cannot write to any.
+func TestFenceOfManyImagesOfOneHolderBlocklistsItOnce(t *testing.T) {
+	nodeA := connect(t, 10*time.Second)
+	nodeB := connect(t, 10*time.Second)
+	const n = 4
+	var held []*Image
+	var names []string
+	for i := range n {
+		names = append(names, imageName(t, ""))
+		img, err := nodeA.Open(names[i], mib, OpenOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer img.Close()
+		held = append(held, img)
+	}
+	before := osdmapEpoch(t)
+	for i := range n { // one after the other: each would have been its own osdmap epoch
+		img, err := nodeB.Open(names[i], mib, OpenOptions{Fence: true})
+		if err != nil {
+			t.Fatalf("Open with Fence of image %d: %v", i, err)
+		}
+		defer img.Close()
+	}
+	if after := osdmapEpoch(t); after != before+1 {
+		t.Errorf("osdmap epoch %d -> %d fencing %d images of one holder, want one new epoch", before, after, n)
+	}
+	for i, img := range held {
+		if _, err := img.WriteAt(make([]byte, 4096), 0); !errors.Is(err, ErrFenced) {
+			t.Errorf("old holder's write to image %d after the fence: %v, want ErrFenced", i, err)
+		}
+	}
 }

@@ -45,9 +45,18 @@ func (i *Image) LoadState(key string) ([]byte, error) {
 	if err := v.usable(); err != nil {
 		return nil, err
 	}
-	s, ok, err := rbdMetaGet(v.h, stateKeyPrefix+key)
-	if err != nil {
-		return nil, v.fail("load state "+key, err)
+	v.stateMu.Lock()
+	s, ok := v.stateAt[stateKeyPrefix+key]
+	read := v.stateOK && !v.stateUsed[key]
+	if read {
+		v.stateUsed[key] = true
+	}
+	v.stateMu.Unlock()
+	if !read {
+		var err error
+		if s, ok, err = rbdMetaGet(v.h, stateKeyPrefix+key); err != nil {
+			return nil, v.fail("load state "+key, err)
+		}
 	}
 	if !ok {
 		return nil, nil
@@ -73,6 +82,9 @@ func (i *Image) SaveState(key string, data []byte) error {
 	if err := v.usable(); err != nil {
 		return err
 	}
+	v.stateMu.Lock()
+	v.stateOK = false // what was read at open is stale from now on
+	v.stateMu.Unlock()
 	var err error
 	if data == nil {
 		err = rbdMetaRemove(v.h, stateKeyPrefix+key)
