@@ -696,32 +696,21 @@ func TestSlowAcceptDoesNotStallDiscovery(t *testing.T) {
 // once they become namespaces.
 func TestStartedAfterTheFirstPassHasServedEveryExistingNamespace(t *testing.T) {
 	dir := nsDir(t)
-	rec := &recorder{}
-	m, err := New(Options{Dir: dir, OnEvent: rec.add, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
 	ids := map[string]ID{}
-	for i := 0; i < 5; i++ {
-		name := fmt.Sprintf("%s-up%d", testPrefix, i)
-		ids[name] = mustMakeNS(t, dir, name)
-		if err := m.Listen(name, portal); err != nil {
+	placeholder, missing := testPrefix+"-ph", testPrefix+"-missing"
+	m, rec := serve(t, dir, func(m *Mux) {
+		for i := 0; i < 5; i++ {
+			name := fmt.Sprintf("%s-up%d", testPrefix, i)
+			ids[name] = mustMakeNS(t, dir, name)
+			if err := m.Listen(name, portal); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := os.WriteFile(filepath.Join(dir, placeholder), nil, 0); err != nil {
 			t.Fatal(err)
 		}
-	}
-	placeholder, missing := testPrefix+"-ph", testPrefix+"-missing"
-	if err := os.WriteFile(filepath.Join(dir, placeholder), nil, 0); err != nil {
-		t.Fatal(err)
-	}
-	m.Listen(placeholder, portal)
-	m.Listen(missing, portal)
-	done := make(chan error, 1)
-	go func() { done <- m.Run(context.Background()) }()
-	t.Cleanup(func() {
-		m.Close()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
+		m.Listen(placeholder, portal)
+		m.Listen(missing, portal)
 	})
 	select {
 	case <-m.Started():

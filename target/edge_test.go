@@ -406,8 +406,10 @@ func TestManyConcurrentCommandsKeepDataIntact(t *testing.T) {
 	}
 }
 
-func TestSameIQNInTwoTenantsServesEachTenantItsOwnLUN(t *testing.T) {
-	ts := startRAMServer(t, Options{})
+// serveTenantB adds tenant t2b to ts's server, with a target of the same IQN on its own RAM
+// device, served on a listener of its own (as another namespace's portal would be).
+func serveTenantB(t *testing.T, ts *testServer) (*Tenant, *testServer) {
+	t.Helper()
 	tenantB := ts.srv.NewTenant("t2b", Limits{})
 	tenantB.Targets = []*Target{newTarget(TargetConfig{IQN: ts.iqn}, newRAMDevice(1<<20))}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -424,9 +426,15 @@ func TestSameIQNInTwoTenantsServesEachTenantItsOwnLUN(t *testing.T) {
 			go ts.srv.ServeConn(context.Background(), c, tenantB)
 		}
 	}()
+	return tenantB, &testServer{addr: ln.Addr().String()}
+}
+
+func TestSameIQNInTwoTenantsServesEachTenantItsOwnLUN(t *testing.T) {
+	ts := startRAMServer(t, Options{})
+	_, tsB := serveTenantB(t, ts)
 	a := dialTest(t, ts)
 	a.login("iqn.i:same-name", 1)
-	b := dialTest(t, &testServer{addr: ln.Addr().String()})
+	b := dialTest(t, tsB)
 	b.login("iqn.i:same-name", 1) // same initiator+ISID+IQN, other tenant: not a reinstatement
 	a.scsi(cdb10(0x2a, 0, 1), 512, false, true, bytes.Repeat([]byte{0xaa}, 512), true)
 	if f := a.recv(); f.BHS.opcode() != opSCSIResp || f.BHS[3] != 0 {

@@ -1,8 +1,6 @@
 package target
 
 import (
-	"context"
-	"net"
 	"testing"
 	"time"
 )
@@ -93,25 +91,10 @@ func (ini *testInitiator) window() uint32 {
 func TestBusyTenantsShareTheCommandWindowByWeight(t *testing.T) {
 	const depth, shared = 32, 8
 	ts := startRAMServer(t, Options{QueueDepth: depth, FairCommands: shared})
-	tenantB := ts.srv.NewTenant("t2b", Limits{})
-	tenantB.Targets = []*Target{newTarget(TargetConfig{IQN: ts.iqn}, newRAMDevice(1<<20))}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go ts.srv.ServeConn(context.Background(), c, tenantB)
-		}
-	}()
+	tenantB, tsB := serveTenantB(t, ts)
 	a := dialTest(t, ts)
 	a.login("iqn.i:a", 1)
-	b := dialTest(t, &testServer{addr: ln.Addr().String()})
+	b := dialTest(t, tsB)
 	b.login("iqn.i:b", 1)
 
 	if w := a.window(); w != depth {
