@@ -11,8 +11,11 @@
 #     `strace -f -c -e trace=setns -p PID` during a separate (untimed) run;
 #   - resources per count, idle and busy: threads, RSS (slope per idle tenant), fds; the kernel's
 #     memory per namespace (/proc/meminfo deltas while creating them; not ours);
-#   - bring-up: exec -> first / every tenant accepting (a connect probe from inside each
-#     namespace), -> every tenant answering SendTargets; optionally a base binary alternately;
+#   - bring-up: exec -> first / every tenant accepting (a TCP listener in LISTEN state on the
+#     portal inside each namespace, seen through sock_diag, batched through io_uring: no
+#     connection is made; the prober's own CPU time is reported), -> every tenant answering
+#     SendTargets; every binary is started once untimed first; optionally a base binary
+#     alternately;
 #   - fairness: a noisy tenant (4K writes, QD128 over 4 sessions) vs 15 quiet ones (4K reads
 #     QD4), per-tenant IOPS and p99, and a server CPU profile of a noisy run;
 #   - churn under load: 300 other tenants' namespaces deleted and re-created in a loop and
@@ -30,6 +33,12 @@
 #   CHURN_TENANTS=300     tenants whose namespaces are deleted and re-created
 #   RELOAD_TENANTS=32     tenants added and removed through `nstarget reload`
 #   BRINGUP_ROUNDS=3      starts per count for the bring-up table
+#   ACCEPT_METHOD=sock_diag   how bring-up sees a tenant accepting; connect: a connection from
+#                         inside the namespace, which the server accepts (the earlier prober)
+#   PROBE_PAUSE=2ms       least pause between the prober's sweeps (never shorter than twice
+#                         its CPU time in the sweep before: at most a third of a core)
+#   ACCEPT_AB=0           1: bring-up also times this binary under the earlier prober (connect,
+#                         0.5 ms between sweeps), alternating, to show what probing costs
 #   BASE_BIN=path         also time this nstarget binary's bring-up (before/after), or
 #   BASE_REV=rev          build it from git revision rev (git archive; the work tree is untouched)
 #   STRACE=1              0: skip the strace check
@@ -37,8 +46,9 @@
 #   RESULTS_DIR=/tmp/nstarget-bench   tables, raw JSON, CPU profiles
 #   PLOTS_DIR=bench/results           SVG plots
 #   KEEP_WORK=0           1: keep the work dir (pool, configs, server logs)
-#   BENCH_NICE=0          e.g. -10: run servers and load clients at this nice level, so other
-#                         load on a shared machine disturbs them less (as iscsi-perf.sh)
+#   BENCH_NICE=0          e.g. -10: run servers, load clients and the bring-up prober and
+#                         discovery threads at this nice level, so other load on a shared
+#                         machine disturbs them less (as iscsi-perf.sh)
 #
 # Default runtime on the 2-core VM: ~5-6 min (sweep ~3 min, bring-up ~1 min, fairness ~40 s,
 # churn ~40 s, setup ~15 s).
@@ -53,6 +63,9 @@ CHURN_SECONDS=${CHURN_SECONDS:-20}
 CHURN_TENANTS=${CHURN_TENANTS:-300}
 RELOAD_TENANTS=${RELOAD_TENANTS:-32}
 BRINGUP_ROUNDS=${BRINGUP_ROUNDS:-3}
+ACCEPT_METHOD=${ACCEPT_METHOD:-sock_diag}
+PROBE_PAUSE=${PROBE_PAUSE:-2ms}
+ACCEPT_AB=${ACCEPT_AB:-0}
 STRACE=${STRACE:-1}
 RESULTS_DIR=${RESULTS_DIR:-/tmp/nstarget-bench}
 PLOTS_DIR=${PLOTS_DIR:-$ROOT/bench/results}
@@ -121,7 +134,8 @@ mkdir -p "$WORK/run"
 (cd "$ROOT" && exec "$WORK/scalebench" -nst "$NST_BIN" "${BASE_ARGS[@]}" -prefix "$PREFIX" -netns-dir "$NSDIR" \
 	-work "$WORK/run" -results "$RESULTS_DIR" -plots "$PLOTS_DIR" -tenants "$TENANTS" -rounds "$ROUNDS" \
 	-runtime "${RUNTIME}s" -phases "$PHASES" -churn "${CHURN_SECONDS}s" -churn-tenants "$CHURN_TENANTS" \
-	-reload-tenants "$RELOAD_TENANTS" -bringup-rounds "$BRINGUP_ROUNDS" -nice "$BENCH_NICE" "$STRACE_ARG") &
+	-reload-tenants "$RELOAD_TENANTS" -bringup-rounds "$BRINGUP_ROUNDS" -nice "$BENCH_NICE" "$STRACE_ARG" \
+	-accept-method "$ACCEPT_METHOD" -probe-pause "$PROBE_PAUSE" -accept-ab="$([[ $ACCEPT_AB == 1 ]] && echo true || echo false)") &
 DRIVER_PID=$!
 rc=0
 wait "$DRIVER_PID" || rc=$?

@@ -15,6 +15,7 @@ import (
 	"math"
 	"math/bits"
 	"math/rand/v2"
+	"net"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -299,12 +300,19 @@ func openSession(sp sessSpec) (*sess, uint64, uint32, error) {
 	return s, blocks, bs, nil
 }
 
-// discover logs into a discovery session from the namespace, runs SendTargets and logs out.
-func discover(nsPath, portal, initiator string) (string, error) {
-	nc, err := dialNS(nsPath, portal, 5*time.Second)
+// discoverHere logs into a discovery session, runs SendTargets and logs out, from the calling
+// goroutine's locked thread, which is already in the tenant's namespace: the connection is made
+// there.
+func discoverHere(portal, initiator string) (string, error) {
+	c, err := net.DialTimeout("tcp", portal, 5*time.Second)
 	if err != nil {
 		return "", err
 	}
+	return discoverOn(c.(*net.TCPConn), initiator)
+}
+
+// discoverOn logs in for discovery on nc, runs SendTargets=All, logs out and closes nc.
+func discoverOn(nc *net.TCPConn, initiator string) (string, error) {
 	s := newSess(nc)
 	defer s.close()
 	if err := s.login(initiator, "", [6]byte{0x80, 0, 0, 0, 0x5c, 1}); err != nil {

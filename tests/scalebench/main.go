@@ -20,13 +20,17 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"sort"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"nstarget/fleet"
 )
@@ -56,6 +60,12 @@ type bench struct {
 	hz                                                float64
 	strace                                            bool
 	nice                                              int
+	handles                                           *nsHandles
+	acceptMethod                                      string    // "sock_diag" or "connect" (waitAcceptingStats)
+	acceptAB                                          bool      // bring-up also times the earlier prober on the same binary
+	ring                                              *diagRing // made in setup; nil: sweeps use sendto/recvfrom
+	ringMu                                            sync.Mutex
+	warmed                                            bool // warmAll ran
 
 	mu sync.Mutex
 }
@@ -85,6 +95,7 @@ func (b *bench) fail(f string, a ...any) {
 
 func run() int {
 	b := &bench{servers: map[int]*server{}, out: os.Stdout, hz: 100}
+	b.handles = newNSHandles(b)
 	var tenants, phases string
 	flag.StringVar(&b.nst, "nst", "", "nstarget binary")
 	flag.StringVar(&b.baseNst, "base-nst", "", "bring-up before/after: also time this nstarget binary's bring-up (alternating)")
@@ -106,6 +117,9 @@ func run() int {
 	churnN := flag.Int("churn-tenants", 300, "tenants deleted and re-created in a loop")
 	reloadN := flag.Int("reload-tenants", 32, "tenants added and removed by reload in a loop")
 	bringupRounds := flag.Int("bringup-rounds", 3, "starts per count for the discovery bring-up")
+	flag.StringVar(&b.acceptMethod, "accept-method", "sock_diag", "how bring-up probes see a tenant accepting: sock_diag (no connection) or connect (a connection the server accepts; the earlier prober)")
+	flag.BoolVar(&b.acceptAB, "accept-ab", false, "bring-up: also time this binary with the earlier prober (a connect into every pending namespace, 0.5 ms between sweeps), alternating with the current one, to show what the prober itself costs the start-up")
+	flag.DurationVar(&probePause, "probe-pause", probePause, "least pause between two sweeps of the accepting prober (never shorter than twice its CPU time in the sweep before)")
 	flag.Parse()
 	if os.Getuid() != 0 {
 		fmt.Fprintln(os.Stderr, "scalebench: needs root")
@@ -164,6 +178,7 @@ func run() int {
 			for _, s := range b.servers {
 				b.stopServer(s)
 			}
+			b.handles.closeAll() // they keep the namespaces alive
 			n := 0
 			for _, name := range b.created {
 				if fleet.Delete(b.nsDir, name) == nil {
@@ -287,6 +302,34 @@ func (b *bench) setup(rep *report) error {
 		float64(m1["Percpu"]-m0["Percpu"])/1024/float64(b.maxN), float64(m1["KernelStack"]-m0["KernelStack"])/1024/float64(b.maxN))
 	rep.NSCreate = took.Seconds() / float64(b.maxN)
 	b.logf("created %d namespaces in %v; kernel memory %+.1f KiB each (%s)", b.maxN, took.Round(time.Millisecond), rep.KernelPerNS/1024, rep.KernelDetail)
+	// The prober's handles (a namespace fd and a sock_diag socket made inside each namespace),
+	// opened now so that no bring-up timed later opens any (after the kernel memory above).
+	if b.acceptMethod != "connect" {
+		b.acceptMethod = "sock_diag"
+	}
+	if b.acceptMethod == "sock_diag" {
+		if err := diagSelfTest(nil); err != nil {
+			b.logf("sock_diag does not see our own listener (%v): bring-up probes connect instead", err)
+			b.acceptMethod = "connect"
+		}
+	}
+	if b.acceptMethod == "sock_diag" {
+		var err error
+		if b.ring, err = newDiagRing(); err == nil {
+			if err = diagSelfTest(b.ring); err != nil {
+				b.ring.close()
+				b.ring = nil
+			}
+		}
+		if err != nil {
+			b.logf("no io_uring (%v): sock_diag probes use sendto/recvfrom", err)
+		}
+	}
+	t0 = time.Now()
+	if _, _, err := b.handles.get(seq(1, b.maxN)); err != nil {
+		return fmt.Errorf("namespace handles: %w", err)
+	}
+	b.logf("opened the prober's handles of %d namespaces in %v (accepting = %s, io_uring %v)", b.maxN, time.Since(t0).Round(time.Millisecond), b.acceptMethod, b.ring != nil)
 	return nil
 }
 
@@ -321,41 +364,100 @@ func seq(from, to int) []int {
 
 // ---- bring-up probing ----
 
+// probePause is the least pause between two sweeps of the pending tenants; a pause is never
+// shorter than twice the prober's CPU time in the sweep before it either, so the prober takes
+// at most a third of a core however many tenants are pending.
+var probePause = 2 * time.Millisecond
+
+// acceptStats is how a waitAccepting went: each tenant's time (since exec) of its first
+// positive probe, the bounds that the probes put on the first and the last tenant to accept,
+// and what the prober cost.
+type acceptStats struct {
+	T []time.Duration
+	// Every tenant began accepting after its last negative probe and by its first positive
+	// one, so the first tenant accepted in (FirstLo, first T], the last in [AllLo, last T].
+	FirstLo, AllLo time.Duration
+	CPU            time.Duration // the prober thread's CPU time, exec to all accepting
+	Sweeps         int
+	Probes         int
+}
+
 // waitAccepting probes every tenant in idx until each accepts (or deadline); it returns each
-// tenant's time (since exec) of its first accepted probe.
+// tenant's time (since exec) of its first positive probe.
 func (b *bench) waitAccepting(s *server, idx []int, deadline time.Duration) ([]time.Duration, error) {
+	st, err := b.waitAcceptingStats(s, idx, deadline, b.acceptMethod)
+	return st.T, err
+}
+
+// waitAcceptingStats looks, in sweeps paced by probePause, for each pending tenant's listener:
+// by sock_diag (method "sock_diag", no connection made: diag.go), or by a connect from inside
+// the namespace where sock_diag does not work ("connect"). Method "connect-0.5ms" is the earlier
+// prober, kept for comparison (-accept-ab): a connect into every pending namespace, 0.5 ms
+// between sweeps however long they take.
+func (b *bench) waitAcceptingStats(s *server, idx []int, deadline time.Duration, method string) (acceptStats, error) {
+	nsfds, diagfds, err := b.handles.get(idx)
+	if err != nil {
+		return acceptStats{}, err
+	}
 	type res struct {
-		t   []time.Duration
+		st  acceptStats
 		err error
 	}
 	ch := make(chan res, 1)
 	go func() {
 		var r res
 		defer func() { ch <- r }()
-		p, err := newProber(3260)
-		if err != nil {
-			r.err = err
-			return
-		}
-		defer func() {
-			if err := p.done(); err != nil {
-				r.err = err
+		since := func() time.Duration { return time.Since(s.execAt) }
+		var try func(k int) (bool, error)
+		// sweep probes the tenants ks and calls seen for each with the result and the times
+		// before and after its probe (a sweep through io_uring gives all of them the same).
+		var sweep func(ks []int, seen func(i int, ok bool, before, after time.Duration)) error
+		if method == "sock_diag" {
+			// No namespace to enter: the sockets were made in theirs. Locked for the thread's
+			// CPU time and nice level.
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
+			defer threadNice(b.nice)()
+			d := newListenDiag([4]byte{127, 0, 0, 1}, 3260)
+			try = func(k int) (bool, error) { return d.listening(diagfds[k]) }
+			if b.ring != nil {
+				fds, up := make([]int, len(idx)), make([]bool, len(idx))
+				sweep = func(ks []int, seen func(int, bool, time.Duration, time.Duration)) error {
+					for i, k := range ks {
+						fds[i], up[i] = diagfds[k], false
+					}
+					b.ringMu.Lock()
+					before := since()
+					err := b.ring.sweep(d, fds[:len(ks)], up[:len(ks)])
+					b.ringMu.Unlock()
+					if err != nil {
+						return err
+					}
+					after := since()
+					for i := range ks {
+						seen(i, up[i], before, after)
+					}
+					return nil
+				}
 			}
-		}()
-		fds := make([]int, len(idx))
-		for k, i := range idx {
-			if fds[k], err = openNS(b.nsDir, b.nsName(i)); err != nil {
+		} else {
+			p, err := newProber(3260)
+			if err != nil {
 				r.err = err
 				return
 			}
+			defer func() {
+				if err := p.done(); err != nil {
+					r.err = err
+				}
+			}()
+			defer threadNice(b.nice)()
+			try = func(k int) (bool, error) { return p.try(nsfds[k]) }
 		}
-		defer func() {
-			for _, fd := range fds {
-				syscall.Close(fd)
-			}
-		}()
+		cpu0 := threadCPU()
 		times := make([]time.Duration, len(idx))
-		pending := slices.Clone(seq(0, len(idx)-1))
+		lastNo := make([]time.Duration, len(idx)) // last negative probe (0: exec)
+		pending := seq(0, len(idx)-1)
 		end := s.execAt.Add(deadline)
 		for len(pending) > 0 {
 			if time.Now().After(end) {
@@ -366,37 +468,69 @@ func (b *bench) waitAccepting(s *server, idx []int, deadline time.Duration) ([]t
 				r.err = fmt.Errorf("server exited; see %s", s.logPath)
 				return
 			}
-			next := pending[:0]
-			for _, k := range pending {
-				ok, err := p.try(fds[k])
-				if err != nil {
-					r.err = err
-					return
-				}
+			c0 := threadCPU()
+			next := make([]int, 0, len(pending))
+			seen := func(i int, ok bool, before, after time.Duration) {
+				k := pending[i]
+				r.st.Probes++
 				if ok {
-					times[k] = time.Since(s.execAt)
+					times[k] = after
 				} else {
+					lastNo[k] = before
 					next = append(next, k)
 				}
 			}
+			if sweep != nil {
+				if err := sweep(pending, seen); err != nil {
+					r.err = err
+					return
+				}
+			} else {
+				for i, k := range pending {
+					before := since()
+					ok, err := try(k)
+					if err != nil {
+						r.err = err
+						return
+					}
+					seen(i, ok, before, since())
+				}
+			}
+			r.st.Sweeps++
 			pending = next
 			if len(pending) > 0 {
 				// Pacing between sweeps (not a wait for an event: the next sweep looks again),
-				// so the probe takes less CPU from the bring-up it measures on 2 cores.
-				time.Sleep(500 * time.Microsecond)
+				// so the prober takes little CPU from the bring-up it measures on 2 cores.
+				if method == "connect-0.5ms" {
+					time.Sleep(500 * time.Microsecond)
+				} else {
+					time.Sleep(max(probePause, 2*(threadCPU()-c0)))
+				}
 			}
 		}
-		r.t = times
+		r.st.CPU = threadCPU() - cpu0
+		r.st.T = times
+		r.st.FirstLo = lastNo[0]
+		for k := range idx {
+			r.st.FirstLo = min(r.st.FirstLo, lastNo[k])
+			r.st.AllLo = max(r.st.AllLo, lastNo[k])
+		}
 	}()
 	r := <-ch
-	return r.t, r.err
+	return r.st, r.err
 }
 
-// waitDiscovery runs SendTargets in every tenant of idx (4 at a time) until each answers with
-// our IQN; it returns each tenant's time since exec.
+// waitDiscovery runs SendTargets in every tenant of idx (4 workers, each on one locked thread
+// that moves between the tenants' namespaces with the fds opened beforehand) until each answers
+// with our IQN; it returns each tenant's time since exec. A worker pauses 1 ms after an attempt
+// that failed (the tenant not up yet) before it tries again.
 func (b *bench) waitDiscovery(s *server, idx []int, deadline time.Duration) ([]time.Duration, error) {
+	nsfds, _, err := b.handles.get(idx)
+	if err != nil {
+		return nil, err
+	}
 	times := make([]time.Duration, len(idx))
-	work := make(chan int)
+	var next atomic.Int64
 	errc := make(chan error, 4)
 	end := s.execAt.Add(deadline)
 	var wg sync.WaitGroup
@@ -404,28 +538,52 @@ func (b *bench) waitDiscovery(s *server, idx []int, deadline time.Duration) ([]t
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for k := range work {
+			runtime.LockOSThread()
+			home, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+			if err != nil {
+				runtime.UnlockOSThread()
+				errc <- err
+				return
+			}
+			defer unix.Close(home)
+			defer threadNice(b.nice)() // as the load clients
+			fail := func(err error) {
+				select {
+				case errc <- err:
+				default:
+				}
+			}
+			for {
+				k := int(next.Add(1) - 1)
+				if k >= len(idx) {
+					break
+				}
+				if err := unix.Setns(nsfds[k], unix.CLONE_NEWNET); err != nil {
+					fail(fmt.Errorf("tenant %s: setns: %w", b.nsName(idx[k]), err))
+					break
+				}
 				for {
-					ans, err := discover(b.nsPath(idx[k]), portal, initiator)
+					// Dialled from this thread: the socket is made in the tenant's namespace.
+					ans, err := discoverHere(portal, initiator)
 					if err == nil && strings.Contains(ans, "TargetName="+iqn) {
 						times[k] = time.Since(s.execAt)
 						break
 					}
 					if time.Now().After(end) || !s.alive() {
-						select {
-						case errc <- fmt.Errorf("tenant %s: no SendTargets answer %v after exec: %v %q", b.nsName(idx[k]), deadline, err, ans):
-						default:
-						}
+						fail(fmt.Errorf("tenant %s: no SendTargets answer %v after exec: %v %q", b.nsName(idx[k]), deadline, err, ans))
+						next.Store(int64(len(idx))) // the others stop too
 						break
 					}
+					time.Sleep(time.Millisecond)
 				}
 			}
+			if err := unix.Setns(home, unix.CLONE_NEWNET); err != nil {
+				fail(fmt.Errorf("return to the home namespace: %w", err))
+				return // exits locked: the thread dies
+			}
+			runtime.UnlockOSThread()
 		}()
 	}
-	for k := range idx {
-		work <- k
-	}
-	close(work)
 	wg.Wait()
 	select {
 	case err := <-errc:

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -31,6 +32,9 @@ type sweepRow struct {
 	FDsIdle                             []float64
 	FirstAcc, AllAcc                    []float64 // ms since exec
 	BaseFirstAcc, BaseAllAcc            []float64 // the same for -base-nst
+	ProbeCPU, BaseProbeCPU              []float64 // ms of the prober's CPU, exec to all accepting
+	OldFirstAcc, OldAllAcc, OldProbeCPU []float64 // this binary under the earlier prober (-accept-ab)
+	AllWin, BaseAllWin                  []float64 // ms: all accepting is known to within this (acceptStats)
 	LogFirst, LogLast, Serving          []float64 // ms since exec, from the server log
 	Disc                                []float64 // ms since exec: every tenant answered SendTargets
 	SetnsDelta                          []float64
@@ -46,6 +50,11 @@ func (b *bench) sweep(rep *report) {
 			b.fail("config: %v", err)
 			return
 		}
+	}
+	// The sweep's starts are timed too (bring-up table): none of them may be a first start.
+	if err := b.warmAll(); err != nil {
+		b.fail("sweep warm-up: %v", err)
+		return
 	}
 	for round := 1; round <= b.rounds; round++ {
 		// The ratio's two counts (the active count and the largest) run back to back in every
@@ -208,6 +217,7 @@ func (b *bench) straceCheck(rep *report) {
 	// count, equal to the Switches it adds, or strace was not seeing the threads.
 	ctl := n
 	if ctl > b.active {
+		b.handles.forget(ctl)
 		if err := fleet.Delete(b.nsDir, b.nsName(ctl)); err != nil {
 			b.fail("strace control: %v", err)
 		} else if _, err := fleet.Add(b.nsDir, b.nsName(ctl)); err != nil {
@@ -241,41 +251,78 @@ func (b *bench) straceCheck(rep *report) {
 	b.logf("strace: %s", rep.Strace)
 }
 
-// bringup: discovery from exec (every tenant answers SendTargets) at every count.
+// bringup: accepting and discovery from exec at every count. Every volume is made by setup;
+// before round 1 every binary also starts once, untimed, at the largest count, so that what
+// only a first start does (the pool's identity file, made and fsynced by the first server in a
+// pool; the first exec of a freshly built binary) is in no round. A timed start after which the
+// pool has more names than before is reported.
 func (b *bench) bringup(rep *report, rounds int) {
 	rows := map[int]*sweepRow{}
 	for _, r := range rep.Sweep {
 		rows[r.N] = r
 	}
+	for _, n := range b.tenantsList {
+		if rows[n] == nil {
+			rows[n] = &sweepRow{N: n}
+			rep.Sweep = append(rep.Sweep, rows[n])
+			if err := b.writeConfig(b.cfgPath(n), seq(1, n)); err != nil {
+				b.fail("bringup: config: %v", err)
+				return
+			}
+		}
+	}
+	type start struct{ bin, method string }
+	bins := []start{{b.nst, b.acceptMethod}}
+	if b.baseNst != "" {
+		bins = append(bins, start{b.baseNst, b.acceptMethod})
+	}
+	if b.acceptAB {
+		bins = append(bins, start{b.nst, "connect-0.5ms"})
+	}
+	if err := b.warmAll(); err != nil {
+		b.fail("bringup warm-up: %v", err)
+		return
+	}
+	pool0 := b.poolEntries()
 	for round := 1; round <= rounds; round++ {
 		for _, n := range b.tenantsList {
 			row := rows[n]
-			if row == nil {
-				row = &sweepRow{N: n}
-				rows[n] = row
-				rep.Sweep = append(rep.Sweep, row)
-				b.writeConfig(b.cfgPath(n), seq(1, n))
+			// Accepting (probe), this binary and the base one if given (and this binary under the
+			// earlier prober with -accept-ab), in alternating order.
+			order := slices.Clone(bins)
+			if round%2 == 0 {
+				slices.Reverse(order)
 			}
-			// Accepting (probe), this binary and the base one if given, in alternating order.
-			bins := []string{b.nst}
-			if b.baseNst != "" {
-				bins = append(bins, b.baseNst)
-				if round%2 == 0 {
-					bins[0], bins[1] = bins[1], bins[0]
-				}
-			}
-			for _, bin := range bins {
-				first, all, err := b.acceptOnce(bin, n, round)
+			for _, st := range order {
+				bin := st.bin
+				a, err := b.acceptOnce(bin, n, round, st.method)
 				if err != nil {
-					b.fail("bringup N=%d (%s): %v", n, bin, err)
+					b.fail("bringup N=%d (%s, %s): %v", n, bin, st.method, err)
 					continue
 				}
-				if bin == b.nst {
-					row.FirstAcc = append(row.FirstAcc, first)
-					row.AllAcc = append(row.AllAcc, all)
+				b.logf("bringup round %d N=%-4d %s (%s): first accepting in (%.1f, %.1f] ms, all in [%.1f, %.1f] ms; prober %d sweeps, %d probes, %.1f ms CPU",
+					round, n, filepath.Base(bin), st.method, ms(a.st.FirstLo), a.first, ms(a.st.AllLo), a.all, a.st.Sweeps, a.st.Probes, ms(a.st.CPU))
+				if st.method != b.acceptMethod {
+					row.OldFirstAcc = append(row.OldFirstAcc, a.first)
+					row.OldAllAcc = append(row.OldAllAcc, a.all)
+					row.OldProbeCPU = append(row.OldProbeCPU, ms(a.st.CPU))
+				} else if bin == b.nst {
+					row.FirstAcc = append(row.FirstAcc, a.first)
+					row.AllAcc = append(row.AllAcc, a.all)
+					row.ProbeCPU = append(row.ProbeCPU, ms(a.st.CPU))
+					row.AllWin = append(row.AllWin, a.all-ms(a.st.AllLo))
+					if len(a.listening) > 0 {
+						row.LogFirst = append(row.LogFirst, ms(a.listening[0]))
+						row.LogLast = append(row.LogLast, ms(a.listening[len(a.listening)-1]))
+					}
+					if a.serving > 0 {
+						row.Serving = append(row.Serving, ms(a.serving))
+					}
 				} else {
-					row.BaseFirstAcc = append(row.BaseFirstAcc, first)
-					row.BaseAllAcc = append(row.BaseAllAcc, all)
+					row.BaseFirstAcc = append(row.BaseFirstAcc, a.first)
+					row.BaseAllAcc = append(row.BaseAllAcc, a.all)
+					row.BaseProbeCPU = append(row.BaseProbeCPU, ms(a.st.CPU))
+					row.BaseAllWin = append(row.BaseAllWin, a.all-ms(a.st.AllLo))
 				}
 			}
 			s, err := b.startServer(b.cfgPath(n), fmt.Sprintf("n%d-disc%d", n, round))
@@ -290,8 +337,12 @@ func (b *bench) bringup(rep *report, rounds int) {
 				continue
 			}
 			row.Disc = append(row.Disc, ms(pctl(t, 1)))
-			b.logf("bringup round %d N=%-4d all accepting %s ms (base %s), every tenant answered SendTargets %.1f ms after exec",
-				round, n, lastS(row.AllAcc), lastS(row.BaseAllAcc), ms(pctl(t, 1)))
+			b.logf("bringup round %d N=%-4d all accepting %s ms (base %s; prober CPU %s/%s ms), every tenant answered SendTargets %.1f ms after exec",
+				round, n, lastS(row.AllAcc), lastS(row.BaseAllAcc), lastS(row.ProbeCPU), lastS(row.BaseProbeCPU), ms(pctl(t, 1)))
+			if p := b.poolEntries(); p != pool0 {
+				b.logf("bringup round %d N=%d: the pool went from %d to %d entries: a server made files the other rounds did not", round, n, pool0, p)
+				pool0 = p
+			}
 		}
 	}
 	if b.strace {
@@ -299,22 +350,98 @@ func (b *bench) bringup(rep *report, rounds int) {
 	}
 }
 
-// acceptOnce starts bin at count n and returns the ms from exec to the first and to the last
-// tenant accepting.
-func (b *bench) acceptOnce(bin string, n, round int) (float64, float64, error) {
+// maxN0 is the largest count of the sweep (b.maxN may be larger, for churn).
+func (b *bench) maxN0() int { return b.tenantsList[len(b.tenantsList)-1] }
+
+// warmAll starts every binary once, untimed, at the largest count (the first time only): see
+// bringup.
+func (b *bench) warmAll() error {
+	if b.warmed {
+		return nil
+	}
+	if err := b.writeConfig(b.cfgPath(b.maxN0()), seq(1, b.maxN0())); err != nil {
+		return err
+	}
+	bins := []string{b.nst}
+	if b.baseNst != "" {
+		bins = append(bins, b.baseNst)
+	}
+	for _, bin := range bins {
+		if err := b.warmup(bin, b.maxN0()); err != nil {
+			return fmt.Errorf("%s: %w", bin, err)
+		}
+	}
+	b.warmed = true
+	return nil
+}
+
+// warmup starts bin once at count n, untimed, until a tenant answers SendTargets (so every
+// volume is open), and stops it.
+func (b *bench) warmup(bin string, n int) error {
 	saved := b.nst
 	b.nst = bin
-	s, err := b.startServer(b.cfgPath(n), fmt.Sprintf("n%d-acc%d-%s", n, round, filepath.Base(bin)))
+	s, err := b.startServer(b.cfgPath(n), fmt.Sprintf("n%d-warmup-%s", n, filepath.Base(bin)))
 	b.nst = saved
 	if err != nil {
-		return 0, 0, err
+		return err
 	}
 	defer b.stopServer(s)
-	acc, err := b.waitAccepting(s, seq(1, n), upDeadline)
+	_, err = b.waitDiscovery(s, []int{1}, upDeadline)
+	return err
+}
+
+// poolEntries is the number of names in the pool directory (-1 if unreadable).
+func (b *bench) poolEntries() int {
+	ents, err := os.ReadDir(filepath.Join(b.work, "pool"))
 	if err != nil {
-		return 0, 0, err
+		return -1
 	}
-	return ms(pctl(acc, 0)), ms(pctl(acc, 1)), nil
+	return len(ents)
+}
+
+// acceptResult is one timed start: ms from exec to the first and to the last tenant
+// accepting, the prober's stats, and the server log's times.
+type acceptResult struct {
+	first, all float64
+	st         acceptStats
+	serving    time.Duration
+	listening  []time.Duration
+}
+
+// acceptOnce starts bin at count n and times its tenants accepting, probed by method.
+func (b *bench) acceptOnce(bin string, n, round int, method string) (acceptResult, error) {
+	saved := b.nst
+	b.nst = bin
+	s, err := b.startServer(b.cfgPath(n), fmt.Sprintf("n%d-acc%d-%s-%s", n, round, filepath.Base(bin), method))
+	b.nst = saved
+	if err != nil {
+		return acceptResult{}, err
+	}
+	st, err := b.waitAcceptingStats(s, seq(1, n), upDeadline, method)
+	if err != nil {
+		b.stopServer(s)
+		return acceptResult{}, err
+	}
+	// The 'serving' line comes once every tenant is built (volumes open), which may be after
+	// every tenant accepts: wait for it (untimed) before reading the log.
+	if err := s.waitHTTP(upDeadline); err != nil {
+		b.stopServer(s)
+		return acceptResult{}, err
+	}
+	waitServing(s, 5*time.Second)
+	b.stopServer(s)
+	r := acceptResult{first: ms(pctl(st.T, 0)), all: ms(pctl(st.T, 1)), st: st}
+	r.serving, r.listening = s.logTimes()
+	return r, nil
+}
+
+// waitServing waits until the server's log has its "serving" line (or d).
+func waitServing(s *server, d time.Duration) {
+	for end := time.Now().Add(d); time.Now().Before(end); time.Sleep(5 * time.Millisecond) {
+		if sv, _ := s.logTimes(); sv > 0 {
+			return
+		}
+	}
 }
 
 func lastS(v []float64) string {
@@ -522,6 +649,7 @@ func (b *bench) churn(rep *report, d time.Duration, churnN, reloadN int) {
 		for k := 0; !stop.Load(); k++ {
 			i := b.active + 1 + k%churnN
 			name := b.nsName(i)
+			b.handles.forget(i) // they would keep the old namespace alive
 			if err := fleet.Delete(b.nsDir, name); err != nil {
 				churnErr = err
 				return
