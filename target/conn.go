@@ -99,7 +99,7 @@ func newConn(s *Server, nc net.Conn, t *Tenant, attrs []slog.Attr) *conn {
 		space:  make(chan struct{}, 1),
 		wdone:  make(chan struct{}),
 	}
-	c.sock = newSocketReader(nc, &c.pending)
+	c.sock = newSocketReader(nc, &c.pending, &t.sessWindow)
 	c.br = bufio.NewReaderSize(c.sock, 64<<10)
 	c.pr.r = c.br
 	return c

@@ -32,6 +32,9 @@ type spinReader struct {
 	// busy counts PDUs the writer still has to send (nil: none tracked). While there are
 	// some, the next command waits on them and the writer needs the CPU: no spinning.
 	busy *atomic.Int32
+	// shared is the tenant's fair window (fair.go; nil: none): non-zero while other tenants
+	// are busy too. Spinning buys latency with CPU, and then the CPU is what they share.
+	shared *atomic.Uint32
 	// spins is off until enableSpin: a login, a discovery session or a text exchange waits
 	// for a person or a program, not for a pipelined initiator, and spinning there only takes
 	// the CPU from connections that serve I/O (1024 SendTargets discoveries spent 12% of the
@@ -46,7 +49,7 @@ type spinReader struct {
 }
 
 // newSocketReader returns nc itself when it is not a socket this can spin on.
-func newSocketReader(nc net.Conn, busy *atomic.Int32) io.Reader {
+func newSocketReader(nc net.Conn, busy *atomic.Int32, shared *atomic.Uint32) io.Reader {
 	sc, ok := nc.(syscall.Conn)
 	if !ok {
 		return nc
@@ -55,7 +58,7 @@ func newSocketReader(nc net.Conn, busy *atomic.Int32) io.Reader {
 	if err != nil {
 		return nc
 	}
-	s := &spinReader{rc: rc, busy: busy}
+	s := &spinReader{rc: rc, busy: busy, shared: shared}
 	s.try = s.tryRead
 	return s
 }
@@ -69,7 +72,7 @@ func (s *spinReader) Read(p []byte) (int, error) {
 		return 0, nil
 	}
 	s.p, s.n, s.err = p, 0, nil
-	s.spin = s.spins && s.skip == 0 && (s.busy == nil || s.busy.Load() == 0)
+	s.spin = s.spins && s.skip == 0 && (s.busy == nil || s.busy.Load() == 0) && (s.shared == nil || s.shared.Load() == 0)
 	if s.skip > 0 {
 		s.skip--
 	}

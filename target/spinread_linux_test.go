@@ -31,7 +31,7 @@ func tcpPair(t *testing.T) (server, client net.Conn) {
 // there, arrive while it spins, or arrive after it parked; then EOF when the peer closes.
 func TestSpinReaderDeliversBytesThenEOF(t *testing.T) {
 	server, client := tcpPair(t)
-	r := newSocketReader(server, nil)
+	r := newSocketReader(server, nil, nil)
 	sr, ok := r.(*spinReader)
 	if !ok {
 		t.Fatalf("TCP conn got %T, want *spinReader", r)
@@ -57,7 +57,7 @@ func TestSpinReaderDeliversBytesThenEOF(t *testing.T) {
 // A read deadline must still end a parked spinning read.
 func TestSpinReaderHonoursReadDeadline(t *testing.T) {
 	server, _ := tcpPair(t)
-	r := newSocketReader(server, nil)
+	r := newSocketReader(server, nil, nil)
 	r.(*spinReader).enableSpin()
 	server.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
 	_, err := r.Read(make([]byte, 10))
@@ -70,7 +70,7 @@ func TestSpinReaderHonoursReadDeadline(t *testing.T) {
 // The QD1 hot path reads through it once per command: no allocation per read.
 func TestSpinReaderReadDoesNotAllocate(t *testing.T) {
 	server, client := tcpPair(t)
-	r := newSocketReader(server, nil)
+	r := newSocketReader(server, nil, nil)
 	r.(*spinReader).enableSpin()
 	msg := []byte("0123456789abcdef")
 	buf := make([]byte, len(msg))

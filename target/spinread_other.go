@@ -9,4 +9,4 @@ import (
 )
 
 // newSocketReader: only Linux spins before blocking (spinread_linux.go).
-func newSocketReader(nc net.Conn, _ *atomic.Int32) io.Reader { return nc }
+func newSocketReader(nc net.Conn, _ *atomic.Int32, _ *atomic.Uint32) io.Reader { return nc }
