@@ -414,13 +414,12 @@ func cmdServe(args []string, stderr io.Writer) error {
 		// systemd hears RELOADING=1 then READY=1 around every reload, however it came.
 		svc.reloading, svc.reloaded = sd.Reloading, sd.Ready
 		ctl.svc.Store(svc)
-		exp.mux.Store(svc.mux)
 		if svc.pool != nil {
 			exp.pool.Store(svc.pool)
 		}
 		readiness().started()
 	}
-	return serve(ctx, cfg, serveOptions{Logger: log, OnEvent: onEvent, OnService: onService, FDLimit: nofile, OnServer: func(s *target.Server) {
+	return serve(ctx, cfg, serveOptions{Logger: log, OnEvent: onEvent, OnService: onService, FDLimit: nofile, OnMux: exp.mux.Store, OnServer: func(s *target.Server) {
 		usage.srv.Store(s)
 		ctl.srv.Store(s)
 		exp.srv.Store(s)

@@ -25,6 +25,9 @@ type serveOptions struct {
 	// OnServer, if set, receives the target server as soon as it exists (e.g. to report its
 	// Stats).
 	OnServer func(*target.Server)
+	// OnMux, if set, receives the namespace mux as soon as it exists: listeners accept (and
+	// metrics report them) before the tenants' volumes are open.
+	OnMux func(*netnsmux.Mux)
 	// OnService, if set, receives the running service once every tenant is set up (to reload
 	// it); it must not block.
 	OnService func(*service)
@@ -142,6 +145,9 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 		return fmt.Errorf("netnsmux: %w", err)
 	}
 	svc.mux = mux
+	if opts.OnMux != nil {
+		opts.OnMux(mux)
+	}
 	for _, tn := range cfg.Tenants {
 		if err := mux.Listen(tn.Netns, tn.Portal); err != nil {
 			mux.Close()
