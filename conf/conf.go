@@ -68,9 +68,9 @@ type Server struct {
 	// Limits is [server.limits] with DefaultLimits filled in: what a tenant may hold unless
 	// its own [tenant.limits] says otherwise.
 	Limits Limits
-	// FairCommands is how many commands in flight busy tenants share by weight while more
-	// than one is busy; 0 turns the sharing off.
-	FairCommands int
+	// FairShare holds a tenant that sends far more than the other busy tenants to about its
+	// weighted share; default true.
+	FairShare bool
 	// ControlSocket is the root-only unix socket of status and reload (absolute path);
 	// ControlSocketSet says the file named it rather than leaving the default.
 	ControlSocket    string

@@ -16,8 +16,6 @@ const (
 	DefaultMaxBuffer   = 2 << 30
 	DefaultNopInterval = 5 * time.Second
 	DefaultNopTimeout  = 30 * time.Second
-	// DefaultFairCommands equals the target layer's default (cmd/nstarget's tests check it).
-	DefaultFairCommands = 64
 	// MaxWeight bounds a tenant's weight, as the target layer does.
 	MaxWeight = 1000
 	// MinNop and MaxNop bound nop_interval and nop_timeout: faster pings are load, not a
@@ -35,7 +33,7 @@ type Limits struct {
 	Sessions    int   // logged-in normal sessions
 	Commands    int   // SCSI commands in flight over all its sessions
 	Buffer      int64 // bytes of data buffers, ping echoes and queued answers
-	// Weight is the tenant's share of server.fair_commands while several tenants are busy.
+	// Weight is the tenant's share of the server while other tenants are busy (fair_share).
 	Weight int
 }
 
@@ -47,13 +45,13 @@ func DefaultLimits() Limits {
 
 func defaultServer() Server {
 	return Server{
-		NetnsDir:     DefaultNetnsDir,
-		DataDir:      DefaultDataDir,
-		MaxBuffer:    DefaultMaxBuffer,
-		NopInterval:  DefaultNopInterval,
-		NopTimeout:   DefaultNopTimeout,
-		Limits:       DefaultLimits(),
-		FairCommands: DefaultFairCommands,
+		NetnsDir:    DefaultNetnsDir,
+		DataDir:     DefaultDataDir,
+		MaxBuffer:   DefaultMaxBuffer,
+		NopInterval: DefaultNopInterval,
+		NopTimeout:  DefaultNopTimeout,
+		Limits:      DefaultLimits(),
+		FairShare:   true,
 		// Early enough to act on (add capacity, trim volumes) before writes start failing.
 		PoolSoftThreshold: 80,
 		Backend:           BackendFile,
@@ -69,7 +67,7 @@ const DefaultControlSocket = "/run/nstarget/nstarget.sock"
 func (v *validator) serverRuntime(st *table, srv *Server) {
 	srv.MaxBuffer = st.bytes("max_buffer", srv.MaxBuffer)
 	srv.MaxConnections = st.count("max_connections", srv.MaxConnections, 0)
-	srv.FairCommands = st.count("fair_commands", srv.FairCommands, 0)
+	srv.FairShare = st.boolean("fair_share", srv.FairShare)
 	srv.NopInterval = st.duration("nop_interval", srv.NopInterval)
 	srv.NopTimeout = st.duration("nop_timeout", srv.NopTimeout)
 	srv.PoolSoftThreshold = st.count("pool_soft_threshold", srv.PoolSoftThreshold, 0)
@@ -105,7 +103,7 @@ func (v *validator) limits(t *table, def Limits) Limits {
 		Weight:      t.count("weight", def.Weight, 1),
 	}
 	if l.Weight > MaxWeight {
-		v.errorf(t.key("weight"), "%d is outside 1..%d (the share of server.fair_commands while several tenants are busy)", l.Weight, MaxWeight)
+		v.errorf(t.key("weight"), "%d is outside 1..%d (the tenant's share of the server while other tenants are busy)", l.Weight, MaxWeight)
 		l.Weight = def.Weight
 	}
 	t.done()

@@ -65,8 +65,8 @@ func TestLimitsAndRuntimeKeysDefaultWhenOmitted(t *testing.T) {
 		t.Errorf("server defaults = %+v", s)
 	}
 	want := Limits{Connections: 1024, Sessions: 1024, Commands: 4096, Buffer: 512 << 20, Weight: 1}
-	if s.FairCommands != DefaultFairCommands {
-		t.Errorf("fair_commands defaults to %d, want %d", s.FairCommands, DefaultFairCommands)
+	if !s.FairShare {
+		t.Errorf("fair_share defaults to false, want true")
 	}
 	if s.Limits != want || cfg.Tenants[0].Limits != want {
 		t.Errorf("limits: server %+v tenant %+v, want %+v", s.Limits, cfg.Tenants[0].Limits, want)
@@ -119,7 +119,7 @@ func TestEveryLimitsErrorNamesFileLineAndKey(t *testing.T) {
 		{"tenant buffer not a size", map[int]string{15: `  buffer = "lots"`}, 15, "tenant[1].limits.buffer", "expected a number"},
 		{"tenant buffer bool", map[int]string{15: `  buffer = true`}, 15, "tenant[1].limits.buffer", "a boolean"},
 		{"tenant buffer over max_buffer", map[int]string{15: `  buffer = "1GiB"`}, 15, "tenant[1].limits.buffer", "more than server.max_buffer"},
-		{"fair_commands negative", map[int]string{4: `fair_commands = -1`}, 4, "server.fair_commands", "outside 0.."},
+		{"fair_share not a boolean", map[int]string{4: `fair_share = 1`}, 4, "server.fair_share", "true or false"},
 		{"tenant weight zero", map[int]string{15: `  weight = 0`}, 15, "tenant[1].limits.weight", "outside 1.."},
 		{"tenant weight too big", map[int]string{15: `  weight = 5000`}, 15, "tenant[1].limits.weight", "outside 1..1000"},
 		{"tenant limits unknown key", map[int]string{15: `  colour = "red"`}, 15, "tenant[1].limits.colour", "unknown key"},

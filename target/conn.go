@@ -79,6 +79,7 @@ type conn struct {
 	execs      sync.WaitGroup
 	lastExecNs atomic.Int64 // duration of the latest Execute: picks inline vs goroutine
 	run        []*task      // reader-owned scratch for run actions
+	fairCount  fairCounter  // reader-owned: commands not yet reported to fair.go
 }
 
 func newConn(s *Server, nc net.Conn, t *Tenant, attrs []slog.Attr) *conn {
@@ -99,7 +100,7 @@ func newConn(s *Server, nc net.Conn, t *Tenant, attrs []slog.Attr) *conn {
 		space:  make(chan struct{}, 1),
 		wdone:  make(chan struct{}),
 	}
-	c.sock = newSocketReader(nc, &c.pending, &t.sessWindow)
+	c.sock = newSocketReader(nc, &c.pending, &t.fair.sessWindow)
 	c.br = bufio.NewReaderSize(c.sock, 64<<10)
 	c.pr.r = c.br
 	return c
@@ -484,7 +485,7 @@ func (c *conn) readLoop() error {
 			return fmt.Errorf("read PDU header: %w", err)
 		}
 		if h.opcode() == opSCSICmd {
-			c.srv.fair.note(c.tenant)
+			c.srv.fair.note(c.tenant, &c.fairCount)
 		}
 		c.readerBusy.Store(true)
 		var l landing

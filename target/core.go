@@ -160,7 +160,7 @@ const (
 
 func newCore(cfg coreConfig) *core {
 	c := &core{cfg: cfg, tasks: make(map[uint32]*task)}
-	c.win = newCmdWindow(cfg.expCmdSN, cfg.depth, &cfg.tenant.sessWindow)
+	c.win = newCmdWindow(cfg.expCmdSN, cfg.depth, &cfg.tenant.fair.sessWindow)
 	c.statSN = cfg.statSN
 	return c
 }

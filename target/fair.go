@@ -6,55 +6,94 @@ import (
 	"time"
 )
 
-// Fair shares of the command window between busy tenants.
+// Fair shares of the server between busy tenants.
 //
-// The server runs whatever arrives, so a tenant that keeps hundreds of commands in flight
-// takes the CPU and the backend from tenants that send a few at a time. While more than one
-// tenant is busy, each busy tenant may have weight/Σweights of Options.FairCommands commands
-// in flight, split among its sessions (at least one each), and the CmdSN window (RFC 7143's
-// flow control, window.go) makes its initiators wait at home rather than queue on the server.
-// A tenant busy alone is not limited, and the shares follow the busy set within fairEvery.
+// The server runs whatever arrives, so a tenant that keeps a hundred commands in flight gets
+// far more of the CPU and the backend than tenants that send a few at a time. Every fairEvery
+// the commands each busy tenant sent are compared, per unit of weight: a tenant that gets more
+// than fairAbove times the busy tenants' average has its window cut in proportion, down to one
+// command per session; once it is back near the average (fairBack) its window grows a quarter
+// at a time, then to its whole window. The window travels as iSCSI's own flow control (window.go):
+// MaxCmdSN stops advancing, so its initiators wait at home; nothing is refused. Tenants that
+// are busy alike, or a tenant busy alone, are never limited: their aggregate throughput is
+// what it would be without shares. The price of the rule: next to a tenant that sends one
+// command at a time, a busy one is held to about three times its rate even when the server
+// has capacity to spare (weights, or fair_share = false, are the operator's answer).
 //
-// Nothing here runs a goroutine or takes a lock per command: a reader reports its tenant busy
-// with one clock read and one atomic load per SCSI command, the report is stored at most once
-// per fairEvery per tenant, and whichever reader first finds the shares older than fairEvery
-// recomputes them, over the tenants reported busy only.
+// Nothing here takes a lock or touches a shared cache line per command: a reader counts its
+// connection's commands in its own fairCounter and adds them to its tenant's at most once per
+// fairEvery, and whichever reader then finds the shares due recomputes them, over the tenants
+// reported busy only.
 
 const (
-	// fairEvery is how often shares may be recomputed and a tenant's busy mark refreshed.
+	// fairEvery is how often shares may be recomputed and a connection reports its count.
 	fairEvery = 10 * time.Millisecond
-	// fairIdle is how long after its last command a tenant stops counting as busy: several
-	// gaps of a tenant that waits for its window, or of an initiator's think time.
+	// fairIdle is how long after its last report a tenant stops counting as busy.
 	fairIdle = 100 * time.Millisecond
-	// DefaultFairCommands is Options.FairCommands when unset: enough to keep a page-cached
-	// backend busy on a few cores, small enough that sixteen busy tenants get four each.
-	DefaultFairCommands = 64
+	// A tenant is cut while it sends more than fairAbove times the busy tenants' average rate
+	// per unit of weight: far enough above that tenants busy alike, whose rates wander by tens
+	// of percent, are left alone.
+	fairAbove = 1.25
+	// A cut tenant's window grows back once it sends no more than fairBack times the average
+	// (a smoothed rate only approaches the average, it does not reach it).
+	fairBack = 1.05
 )
 
 type fairShare struct {
-	total int64     // commands shared among busy tenants; 0: no shares
+	on    bool
+	depth int64     // a session's full window (Options.QueueDepth)
 	base  time.Time // monotonic origin of the nanosecond marks below
 	next  atomic.Int64
 
 	mu   sync.Mutex
-	busy []*Tenant // reported busy and not yet found idle; each has fairListed set
+	last int64     // mark of the last recompute
+	busy []*Tenant // reported busy and not yet found idle; each has fair.listed set
 }
 
-func newFairShare(total int) *fairShare {
-	return &fairShare{total: int64(max(total, 0)), base: time.Now()}
+// fairState is a tenant's part of the shares; the plain fields are under fairShare.mu.
+type fairState struct {
+	weight     atomic.Uint32
+	done       atomic.Int64  // commands reported by its connections
+	lastBusy   atomic.Int64  // mark of its last report
+	sessWindow atomic.Uint32 // what each of its sessions may have in flight; 0: its full window
+	listed     atomic.Bool   // in fairShare.busy; changed under fairShare.mu
+	counted    int64         // done at the last recompute
+	rate       float64       // commands per second per unit of weight, smoothed
+	window     int64         // over all its sessions; 0: not limited
+	hold       int           // recomputes left before the next decision: a cut shows in rate slowly
 }
 
-// note records a SCSI command of t, and recomputes the shares when they are due.
-func (f *fairShare) note(t *Tenant) {
-	if f.total == 0 {
+// fairCounter is one connection's commands not yet added to its tenant's; only its reader
+// uses it.
+type fairCounter struct {
+	n    int64
+	last int64 // mark of the last report
+}
+
+func newFairShare(on bool, depth int) *fairShare {
+	return &fairShare{on: on, depth: int64(depth), base: time.Now()}
+}
+
+// note counts a SCSI command of t's connection fc; at most once per fairEvery it reports the
+// count and recomputes the shares when they are due.
+func (f *fairShare) note(t *Tenant, fc *fairCounter) {
+	if !f.on {
 		return
 	}
+	fc.n++
 	now := int64(time.Since(f.base))
-	if now-t.lastBusy.Load() >= int64(fairEvery) {
-		t.lastBusy.Store(now)
+	if now-fc.last < int64(fairEvery) {
+		return
+	}
+	fc.last = now
+	t.fair.done.Add(fc.n)
+	fc.n = 0
+	t.fair.lastBusy.Store(now)
+	if !t.fair.listed.Load() {
 		f.mu.Lock()
-		if !t.fairListed {
-			t.fairListed = true
+		if !t.fair.listed.Load() {
+			t.fair.listed.Store(true)
+			t.fair.counted = t.fair.done.Load()
 			f.busy = append(f.busy, t)
 		}
 		f.mu.Unlock()
@@ -64,44 +103,74 @@ func (f *fairShare) note(t *Tenant) {
 	}
 }
 
-// recompute sets the window of every tenant reported busy and drops those gone idle.
+// recompute measures every busy tenant's rate and sets its window.
 func (f *fairShare) recompute(now int64) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	dt := float64(now-f.last) / 1e9
+	f.last = now
 	live := f.busy[:0]
-	var sum int64
+	var sum float64
 	for _, t := range f.busy {
-		if now-t.lastBusy.Load() > int64(fairIdle) || t.closed.Load() {
-			t.fairListed = false
-			t.setSessWindow(0)
+		s := &t.fair
+		if now-s.lastBusy.Load() > int64(fairIdle) || t.closed.Load() {
+			s.listed.Store(false)
+			s.rate, s.window, s.hold = 0, 0, 0
+			s.setSessWindow(0)
 			continue
 		}
+		done := s.done.Load()
+		r := float64(done-s.counted) / dt / float64(s.weight.Load())
+		s.counted = done
+		s.rate = (s.rate + r) / 2
 		live = append(live, t)
-		sum += int64(t.weight.Load())
+		sum += s.rate
 	}
 	clear(f.busy[len(live):])
 	f.busy = live
+	if len(live) == 0 {
+		return
+	}
+	avg := sum / float64(len(live))
 	for _, t := range live {
-		var w int64 // alone: no limit
-		if len(live) > 1 {
-			share := max(1, f.total*int64(t.weight.Load())/sum)
-			w = max(1, share/max(1, t.acct.used[resSessions].Load()))
+		s := &t.fair
+		sess := max(1, t.acct.used[resSessions].Load())
+		switch {
+		case s.hold > 0:
+			s.hold--
+		case len(live) > 1 && s.rate > fairAbove*avg:
+			cur := s.window
+			if cur == 0 {
+				cur = max(sess, t.acct.used[resCommands].Load())
+			}
+			s.window = max(sess, int64(float64(cur)*avg/s.rate))
+			s.hold = 2
+		case s.window > 0 && s.rate <= fairBack*avg:
+			// Back near its share: the window grows back; between the two it holds.
+			s.window += max(1, s.window/4)
+			if s.window >= f.depth*sess {
+				s.window = 0
+			}
 		}
-		t.setSessWindow(uint32(w))
+		var w int64
+		if s.window > 0 {
+			w = max(1, s.window/sess)
+		}
+		s.setSessWindow(uint32(w))
 	}
 }
 
-func (t *Tenant) setSessWindow(w uint32) {
-	if t.sessWindow.Load() != w {
-		t.sessWindow.Store(w)
+func (s *fairState) setSessWindow(w uint32) {
+	if s.sessWindow.Load() != w {
+		s.sessWindow.Store(w)
 	}
 }
 
 // MaxWeight bounds a tenant's weight: a thousand to one is already "this tenant first".
 const MaxWeight = 1000
 
-// SetWeight changes the tenant's share of the commands of busy tenants (1..MaxWeight) while
-// it serves; it takes effect at the next recompute.
+// SetWeight changes the tenant's share of the server while other tenants are busy too
+// (1..MaxWeight); it takes effect at the next recompute.
 func (s *Server) SetWeight(t *Tenant, w int) {
-	t.weight.Store(uint32(min(max(w, 1), MaxWeight)))
+	t.fair.weight.Store(uint32(min(max(w, 1), MaxWeight)))
 }

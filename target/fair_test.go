@@ -5,69 +5,112 @@ import (
 	"time"
 )
 
-func fairTenants(f *fairShare, weights ...int) []*Tenant {
-	var ts []*Tenant
-	for _, w := range weights {
-		t := &Tenant{}
-		t.weight.Store(uint32(w))
-		t.acct.used[resSessions].Store(1)
-		f.busy = append(f.busy, t)
-		t.fairListed = true
-		ts = append(ts, t)
-	}
-	return ts
+// fairRig drives fairShare.recompute with made-up counts: each step, tenant i sent per[i]
+// commands in the last fairEvery.
+type fairRig struct {
+	t   *testing.T
+	f   *fairShare
+	ts  []*Tenant
+	now int64
 }
 
-func windows(ts []*Tenant) []uint32 {
+func newFairRig(t *testing.T, depth int, weights ...int) *fairRig {
+	r := &fairRig{t: t, f: newFairShare(true, depth)}
+	for _, w := range weights {
+		tn := &Tenant{}
+		tn.fair.weight.Store(uint32(w))
+		tn.fair.listed.Store(true)
+		tn.acct.used[resSessions].Store(1)
+		tn.acct.used[resCommands].Store(int64(depth))
+		r.f.busy = append(r.f.busy, tn)
+		r.ts = append(r.ts, tn)
+	}
+	return r
+}
+
+func (r *fairRig) step(per ...int64) []uint32 {
+	r.now += int64(fairEvery)
+	for i, n := range per {
+		r.ts[i].fair.done.Add(n)
+		r.ts[i].fair.lastBusy.Store(r.now)
+	}
+	r.f.recompute(r.now)
 	var w []uint32
-	for _, t := range ts {
-		w = append(w, t.sessWindow.Load())
+	for _, tn := range r.ts {
+		w = append(w, tn.fair.sessWindow.Load())
 	}
 	return w
 }
 
-// A tenant busy alone keeps its whole window; busy tenants split FairCommands by weight and
-// then among their sessions, at least one command per session; a tenant idle for fairIdle
-// leaves the busy set and gets its whole window back.
-func TestFairSharesSplitCommandsByWeightAmongBusyTenants(t *testing.T) {
-	f := newFairShare(64)
-	now := int64(time.Hour)
-	ts := fairTenants(f, 1)
-	ts[0].lastBusy.Store(now)
-	f.recompute(now)
-	if w := windows(ts); w[0] != 0 {
-		t.Fatalf("a tenant busy alone is limited to %d", w[0])
+// Tenants busy alike are never limited, however their rates wander; a tenant alone neither.
+func TestFairSharesLeaveTenantsBusyAlikeAlone(t *testing.T) {
+	r := newFairRig(t, 32, 1, 1, 1, 1)
+	for i := range 50 {
+		j := int64(i % 3) // rates 100..140 apart by up to 40%
+		if w := r.step(100+20*j, 140-20*j, 120, 100); w[0]+w[1]+w[2]+w[3] != 0 {
+			t.Fatalf("step %d: windows %v for tenants busy alike", i, w)
+		}
 	}
-
-	ts = append(ts, fairTenants(f, 1, 2)...)
-	for _, x := range ts {
-		x.lastBusy.Store(now)
-	}
-	ts[2].acct.used[resSessions].Store(4)
-	f.recompute(now)
-	// 64 * 1/4 = 16 for each weight-1 tenant; 64 * 2/4 = 32 over 4 sessions = 8 each.
-	if w := windows(ts); w[0] != 16 || w[1] != 16 || w[2] != 8 {
-		t.Fatalf("windows %v, want [16 16 8]", w)
-	}
-
-	ts[1].acct.used[resSessions].Store(100) // more sessions than its share: one each
-	ts[0].lastBusy.Store(now - int64(fairIdle) - 1)
-	f.recompute(now)
-	if w := windows(ts); w[0] != 0 || w[1] != 1 || w[2] != 10 {
-		t.Fatalf("windows %v, want [0 1 10]: the idle tenant freed, 64*1/3=21 over 100 sessions -> 1, 64*2/3=42 over 4 -> 10", w)
-	}
-	if len(f.busy) != 2 || ts[0].fairListed {
-		t.Fatalf("the idle tenant is still listed busy (%d listed)", len(f.busy))
+	solo := newFairRig(t, 32, 1)
+	for range 10 {
+		if w := solo.step(10000); w[0] != 0 {
+			t.Fatalf("a tenant busy alone is limited to %d", w[0])
+		}
 	}
 }
 
-// Shares off (FairCommands < 0) never mark or limit anyone.
+// A tenant sending ten times what another does has its window cut, never below one command
+// per session; the other keeps its whole window. Once it sends no more than the average its
+// window grows back to whole.
+func TestFairSharesCutATenantFarAboveTheAverageAndGiveItBackAfter(t *testing.T) {
+	r := newFairRig(t, 32, 1, 1)
+	r.ts[0].acct.used[resSessions].Store(4)
+	r.ts[0].acct.used[resCommands].Store(128)
+	w := r.step(1000, 100)
+	if w[0] == 0 || w[0] >= 32 || w[1] != 0 {
+		t.Fatalf("windows %v: want the loud tenant cut below 32 per session, the other whole", w)
+	}
+	for range 20 {
+		w = r.step(1000, 100)
+		if w[0] < 1 || w[1] != 0 {
+			t.Fatalf("windows %v: the loud tenant must keep at least 1 per session", w)
+		}
+	}
+	for range 40 {
+		if w = r.step(100, 100); w[0] == 0 {
+			return
+		}
+	}
+	t.Fatalf("windows %v after 40 steps at the average: the cut tenant never got its window back", w)
+}
+
+// Rates count per unit of weight: a tenant of weight 10 sending ten times another's is at its
+// share, and a tenant that stops reporting leaves the busy set with its whole window.
+func TestFairSharesCountPerUnitOfWeightAndForgetIdleTenants(t *testing.T) {
+	r := newFairRig(t, 32, 10, 1)
+	for range 10 {
+		if w := r.step(1000, 100); w[0] != 0 || w[1] != 0 {
+			t.Fatalf("windows %v: weight 10 at ten times the rate is its share", w)
+		}
+	}
+	r = newFairRig(t, 32, 1, 1)
+	r.step(1000, 100)
+	r.now += int64(fairIdle) + 1 // nobody reports for longer than fairIdle
+	r.f.recompute(r.now)
+	if len(r.f.busy) != 0 || r.ts[0].fair.sessWindow.Load() != 0 || r.ts[0].fair.listed.Load() {
+		t.Fatalf("idle tenants still listed (%d) or limited (%d)", len(r.f.busy), r.ts[0].fair.sessWindow.Load())
+	}
+}
+
+// Shares turned off never list or limit anyone.
 func TestFairSharesOffLimitNobody(t *testing.T) {
-	f := newFairShare(-1)
-	a, b := &Tenant{}, &Tenant{}
-	f.note(a)
-	f.note(b)
-	if len(f.busy) != 0 || a.sessWindow.Load() != 0 || b.sessWindow.Load() != 0 {
+	f := newFairShare(false, 32)
+	a := &Tenant{}
+	var fc fairCounter
+	for range 3 {
+		f.note(a, &fc)
+	}
+	if len(f.busy) != 0 || a.fair.sessWindow.Load() != 0 {
 		t.Fatal("shares turned off still track or limit tenants")
 	}
 }
@@ -85,13 +128,13 @@ func (ini *testInitiator) window() uint32 {
 	return f.BHS.u32(offMaxCmdSN) - f.BHS.u32(offExpCmdSN) + 1
 }
 
-// Two tenants sending commands at once get a window of their weighted share of
-// FairCommands; a tenant's window returns to the full queue depth once it is busy alone again.
-// Real sessions over TCP: the shares follow what the readers see, not a test hook.
-func TestBusyTenantsShareTheCommandWindowByWeight(t *testing.T) {
-	const depth, shared = 32, 8
-	ts := startRAMServer(t, Options{QueueDepth: depth, FairCommands: shared})
-	tenantB, tsB := serveTenantB(t, ts)
+// A tenant that pipelines eight commands for every one of another busy tenant has its window
+// cut; once it is busy alone its window returns to the full queue depth. Real sessions over
+// TCP: the shares follow what the readers see, not a test hook.
+func TestATenantSendingFarMoreThanAnotherHasItsWindowCutUntilItIsAlone(t *testing.T) {
+	const depth = 32
+	ts := startRAMServer(t, Options{QueueDepth: depth})
+	_, tsB := serveTenantB(t, ts)
 	a := dialTest(t, ts)
 	a.login("iqn.i:a", 1)
 	b := dialTest(t, tsB)
@@ -100,25 +143,34 @@ func TestBusyTenantsShareTheCommandWindowByWeight(t *testing.T) {
 	if w := a.window(); w != depth {
 		t.Fatalf("tenant A busy alone is granted %d, want the full window %d", w, depth)
 	}
-	// The window closes only as granted CmdSNs are used, so keep both busy until it shows.
-	until := func(what string, want uint32, busy ...*testInitiator) {
-		t.Helper()
-		deadline := time.Now().Add(testTimeout)
-		for {
-			w := a.window()
-			for _, o := range busy {
-				o.window()
-			}
-			if w == want {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: tenant A's window is %d, want %d", what, w, want)
+	// A sends up to eight commands at a time within its window, B one; A's window can only
+	// close as it uses the CmdSNs it was granted, so keep both busy until the cut shows.
+	win := uint32(depth)
+	burst := func() uint32 {
+		n := min(8, win)
+		for range n {
+			a.scsi(make([]byte, 16), 0, false, false, nil, true)
+		}
+		var f *frame
+		for range n {
+			if f = a.recv(); f.BHS.opcode() != opSCSIResp || f.BHS[3] != 0 {
+				t.Fatalf("TEST UNIT READY: op %02x status %02x", f.BHS.opcode(), f.BHS[3])
 			}
 		}
+		a.statSN = f.BHS.u32(offStatSN) + 1
+		win = f.BHS.u32(offMaxCmdSN) - f.BHS.u32(offExpCmdSN) + 1
+		return win
 	}
-	until("two busy tenants of weight 1", shared/2, b)
-	ts.srv.SetWeight(tenantB, 3)
-	until("B weighs 3", shared/4, b)
-	until("B went idle", depth)
+	deadline := time.Now().Add(testTimeout)
+	for burst() > 4 {
+		b.window()
+		if time.Now().After(deadline) {
+			t.Fatalf("tenant A, sending 8 commands to B's 1, still has a window of %d", win)
+		}
+	}
+	for burst() != depth {
+		if time.Now().After(deadline) {
+			t.Fatalf("tenant A busy alone: window %d, want it back to %d", win, depth)
+		}
+	}
 }

@@ -130,7 +130,8 @@ type Limits struct {
 	Sessions    int   // logged-in normal sessions
 	Commands    int   // SCSI commands in flight over all its sessions
 	BufferBytes int64 // data buffers of its commands, ping echoes and queued answers
-	// Weight is the tenant's share of the commands of busy tenants (fair.go), 1..MaxWeight.
+	// Weight is the tenant's share of the server while other tenants are busy (fair.go),
+	// 1..MaxWeight.
 	Weight int
 }
 

@@ -58,9 +58,8 @@ type Options struct {
 	// refusal is sent: the same for every failure, so neither timing nor rate tells an
 	// attacker which check failed or lets it guess quickly. Default 1s.
 	AuthFailDelay time.Duration
-	// FairCommands is how many commands in flight busy tenants share, by weight, while more
-	// than one is busy (fair.go); default DefaultFairCommands, negative: no sharing.
-	FairCommands int
+	// NoFairShare turns off the fair shares between busy tenants (fair.go).
+	NoFairShare bool
 }
 
 // Server is shared by all tenants: it holds every tenant, target and session, and the
@@ -116,9 +115,6 @@ func NewServer(opts Options) *Server {
 	if opts.MaxConnections <= 0 {
 		opts.MaxConnections = max(64, openFileLimit()-opts.FDReserve)
 	}
-	if opts.FairCommands == 0 {
-		opts.FairCommands = DefaultFairCommands
-	}
 	opts.TenantLimits = opts.TenantLimits.orDefault(DefaultTenantLimits())
 	pol := opts.Policy
 	if pol.MaxRecvDataSegmentLength == 0 {
@@ -133,7 +129,7 @@ func NewServer(opts Options) *Server {
 		// CmdSN window, per server; their server-wide limits only need to be no tighter.
 		ledger:     newLedger([numResources]int64{conns, conns, conns * int64(opts.QueueDepth+maxImmediate), opts.MaxBufferBytes}),
 		limits:     newRefusalLog(refusalLogEvery),
-		fair:       newFairShare(opts.FairCommands),
+		fair:       newFairShare(!opts.NoFairShare, opts.QueueDepth),
 		challenges: newChallengeLog(),
 		tenants:    make(map[*Tenant]struct{}),
 		sessions:   make(map[sessionKey]*session),
@@ -260,13 +256,9 @@ type Tenant struct {
 	// live replaces Targets once SetTargets has been called (a live change).
 	live  atomic.Pointer[[]*Target]
 	stats tenantCounters
-	// Fair shares (fair.go): weight is set from Limits.Weight and by SetWeight; lastBusy is
-	// the mark of the tenant's last reported command; sessWindow is what each of its
-	// sessions may have in flight now (0: its full window); fairListed is under fair.mu.
-	weight     atomic.Uint32
-	lastBusy   atomic.Int64
-	sessWindow atomic.Uint32
-	fairListed bool
+	// fair is the tenant's part of the fair shares (fair.go); its weight is set from
+	// Limits.Weight and by SetWeight.
+	fair fairState
 }
 
 // NewTenant registers a tenant; lim's zero fields take Options.TenantLimits.
@@ -282,7 +274,7 @@ func (s *Server) NewTenant(name string, lim Limits) *Tenant {
 
 func (t *Tenant) usage() Usage {
 	u := usageOf(&t.acct.used)
-	u.FairWindow = int(t.sessWindow.Load())
+	u.FairWindow = int(t.fair.sessWindow.Load())
 	return u
 }
 

@@ -46,7 +46,7 @@ func targetOptions(log *slog.Logger, srv conf.Server, nofile uint64) target.Opti
 		TenantLimits:   targetLimits(srv.Limits),
 		MaxBufferBytes: srv.MaxBuffer,
 		MaxConnections: srv.MaxConnections,
-		FairCommands:   fairCommands(srv.FairCommands),
+		NoFairShare:    !srv.FairShare,
 	}
 }
 
@@ -60,10 +60,3 @@ func targetLimits(l conf.Limits) target.Limits {
 	}
 }
 
-// fairCommands maps fair_commands (0: off) onto the target's option (0: default, < 0: off).
-func fairCommands(n int) int {
-	if n == 0 {
-		return -1
-	}
-	return n
-}

@@ -23,8 +23,8 @@ func TestConfDefaultsAreTheTargetDefaults(t *testing.T) {
 	if got, want := targetLimits(conf.DefaultLimits()), target.DefaultTenantLimits(); got != want {
 		t.Errorf("conf.DefaultLimits() maps to %+v, target.DefaultTenantLimits() is %+v", got, want)
 	}
-	if conf.DefaultFairCommands != target.DefaultFairCommands || conf.MaxWeight != target.MaxWeight {
-		t.Errorf("conf's fair_commands default or weight bound drifted from the target's")
+	if conf.MaxWeight != target.MaxWeight {
+		t.Errorf("conf's weight bound drifted from the target's")
 	}
 	if conf.DefaultMaxBuffer != 2<<30 || conf.DefaultNopInterval != 5*time.Second || conf.DefaultNopTimeout != 30*time.Second {
 		t.Errorf("conf server defaults drifted from target.Options' documented defaults (2GiB, 5s, 30s)")
@@ -37,7 +37,7 @@ max_buffer = "1GiB"
 max_connections = 300
 nop_interval = "250ms"
 nop_timeout = "1s"
-fair_commands = 32
+fair_share = false
   [server.limits]
   commands = 9
 [[tenant]]
@@ -54,7 +54,7 @@ name = "a"
 	def := target.DefaultTenantLimits()
 	// Field by field: Options may grow fields that are not comparable.
 	if o.Logger != log || o.NopInterval != 250*time.Millisecond || o.NopTimeout != time.Second ||
-		o.MaxBufferBytes != 1<<30 || o.MaxConnections != 300 || o.FairCommands != 32 ||
+		o.MaxBufferBytes != 1<<30 || o.MaxConnections != 300 || !o.NoFairShare ||
 		o.TenantLimits != (target.Limits{Connections: def.Connections, Sessions: def.Sessions, Commands: 9, BufferBytes: def.BufferBytes, Weight: 1}) {
 		t.Errorf("options = %+v", o)
 	}

@@ -158,7 +158,7 @@ func restartOnly(old, cfg *conf.Config) error {
 	check("control_socket", o.ControlSocket == n.ControlSocket)
 	check("max_buffer", o.MaxBuffer == n.MaxBuffer)
 	check("max_connections", o.MaxConnections == n.MaxConnections)
-	check("fair_commands", o.FairCommands == n.FairCommands)
+	check("fair_share", o.FairShare == n.FairShare)
 	check("nop_interval", o.NopInterval == n.NopInterval)
 	check("nop_timeout", o.NopTimeout == n.NopTimeout)
 	check("backend", o.Backend == n.Backend && o.RBD == n.RBD)
