@@ -59,4 +59,3 @@ func targetLimits(l conf.Limits) target.Limits {
 		Weight:      l.Weight,
 	}
 }
-
