@@ -120,7 +120,7 @@ func (f *fairShare) recompute(now int64) {
 			continue
 		}
 		done := s.done.Load()
-		r := float64(done-s.counted) / dt / float64(s.weight.Load())
+		r := float64(done-s.counted) / dt / float64(max(1, s.weight.Load()))
 		s.counted = done
 		s.rate = (s.rate + r) / 2
 		live = append(live, t)
