@@ -279,14 +279,26 @@ func (s *sess) login(initiator, target string, isid [6]byte) error {
 	return nil
 }
 
-// sendTargets runs Text SendTargets=All on a discovery session and returns the answer.
-func (s *sess) sendTargets() (string, error) {
+// immediateRequest is the header of an immediate, final request of op with a fresh ITT.
+func (s *sess) immediateRequest(op byte) hdr {
 	var h hdr
-	h[0] = opText | flImmediate
+	h[0] = op | flImmediate
 	h[1] = flFinal
 	s.wmu.Lock()
 	h.put32(16, s.itt())
 	s.wmu.Unlock()
+	return h
+}
+
+// sendLogout sends a Logout Request that closes the session.
+func (s *sess) sendLogout() error {
+	h := s.immediateRequest(opLogout)
+	return s.send(&h, nil, true)
+}
+
+// sendTargets runs Text SendTargets=All on a discovery session and returns the answer.
+func (s *sess) sendTargets() (string, error) {
+	h := s.immediateRequest(opText)
 	h.put32(20, reservedTag)
 	if err := s.send(&h, []byte("SendTargets=All\x00"), true); err != nil {
 		return "", err
@@ -320,13 +332,7 @@ func (s *sess) sendTargets() (string, error) {
 
 // logoutSync logs out a session that has no reader running.
 func (s *sess) logoutSync() error {
-	var h hdr
-	h[0] = opLogout | flImmediate
-	h[1] = flFinal
-	s.wmu.Lock()
-	h.put32(16, s.itt())
-	s.wmu.Unlock()
-	if err := s.send(&h, nil, true); err != nil {
+	if err := s.sendLogout(); err != nil {
 		return err
 	}
 	for {

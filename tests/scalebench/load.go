@@ -249,13 +249,7 @@ func runLoadCmd() error {
 		lw.Add(1)
 		go func() {
 			defer lw.Done()
-			var h hdr
-			h[0] = opLogout | flImmediate
-			h[1] = flFinal
-			s.wmu.Lock()
-			h.put32(16, s.itt())
-			s.wmu.Unlock()
-			s.send(&h, nil, true)
+			s.sendLogout()
 			done := make(chan struct{})
 			go func() {
 				for s.failed() == nil { // the reader ends with the Logout Response
