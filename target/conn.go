@@ -79,7 +79,8 @@ type conn struct {
 	execs      sync.WaitGroup
 	lastExecNs atomic.Int64 // duration of the latest Execute: picks inline vs goroutine
 	run        []*task      // reader-owned scratch for run actions
-	fairCount  fairCounter  // reader-owned: commands not yet reported to fair.go
+	fairCount  fairCounter  // commands and cost not yet reported to fair.go
+	paceTimer  *time.Timer  // reader-owned, made at the first pace
 }
 
 func newConn(s *Server, nc net.Conn, t *Tenant, attrs []slog.Attr) *conn {
@@ -485,7 +486,11 @@ func (c *conn) readLoop() error {
 			return fmt.Errorf("read PDU header: %w", err)
 		}
 		if h.opcode() == opSCSICmd {
-			c.srv.fair.note(c.tenant, &c.fairCount)
+			if d := c.srv.fair.note(c.tenant, &c.fairCount); d > 0 {
+				if err := c.pace(d); err != nil {
+					return err
+				}
+			}
 		}
 		c.readerBusy.Store(true)
 		var l landing
@@ -536,6 +541,25 @@ func (c *conn) readLoop() error {
 	}
 }
 
+// pace holds the command just read for d, its tenant's pace (fair.go), with this
+// connection's output written first.
+func (c *conn) pace(d time.Duration) error {
+	c.readerBusy.Store(false)
+	c.readerFlush()
+	if c.paceTimer == nil {
+		c.paceTimer = time.NewTimer(d)
+	} else {
+		c.paceTimer.Reset(d)
+	}
+	select {
+	case <-c.paceTimer.C:
+		return nil
+	case <-c.stop:
+		c.paceTimer.Stop()
+		return net.ErrClosed
+	}
+}
+
 // --- execution ---
 
 const (
@@ -569,6 +593,9 @@ func (c *conn) runAll() {
 func (c *conn) execute(t *task) {
 	defer c.execs.Done()
 	res, took := c.runTask(t)
+	if t.kind == kindSCSI {
+		c.srv.fair.ran(&c.fairCount, took)
+	}
 	c.mu.Lock()
 	if t.kind == kindSCSI {
 		c.lat.observe(took)

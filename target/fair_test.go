@@ -1,6 +1,7 @@
 package target
 
 import (
+	"context"
 	"testing"
 	"time"
 )
@@ -29,9 +30,17 @@ func newFairRig(t *testing.T, depth int, weights ...int) *fairRig {
 }
 
 func (r *fairRig) step(per ...int64) []uint32 {
+	cost := make([]time.Duration, len(per))
+	return r.stepCost(cost, per...)
+}
+
+// stepCost is step with commands whose backend calls took cost[i] each, besides
+// fairCommandCost.
+func (r *fairRig) stepCost(cost []time.Duration, per ...int64) []uint32 {
 	r.now += int64(fairEvery)
 	for i, n := range per {
-		r.ts[i].fair.done.Add(n)
+		r.ts[i].fair.cmds.Add(n)
+		r.ts[i].fair.spent.Add(n * int64(fairCommandCost+cost[i]))
 		r.ts[i].fair.lastBusy.Store(r.now)
 	}
 	r.f.recompute(r.now)
@@ -100,6 +109,57 @@ func TestFairSharesCountPerUnitOfWeightAndForgetIdleTenants(t *testing.T) {
 	if len(r.f.busy) != 0 || r.ts[0].fair.sessWindow.Load() != 0 || r.ts[0].fair.listed.Load() {
 		t.Fatalf("idle tenants still listed (%d) or limited (%d)", len(r.f.busy), r.ts[0].fair.sessWindow.Load())
 	}
+}
+
+// What counts is what a tenant's commands cost, not how many it sends: a tenant whose
+// commands take eight times as long in the backend is cut at the same count as another.
+func TestFairSharesWeighWhatCommandsCostNotHowManyThereAre(t *testing.T) {
+	r := newFairRig(t, 32, 1, 1)
+	cost := []time.Duration{80 * time.Microsecond, 0}
+	w := r.stepCost(cost, 100, 100)
+	if w[0] == 0 || w[1] != 0 {
+		t.Fatalf("windows %v: want the costly tenant cut, the cheap one whole", w)
+	}
+	r = newFairRig(t, 32, 1, 1)
+	for range 10 {
+		if w := r.stepCost([]time.Duration{5 * time.Microsecond, 5 * time.Microsecond}, 100, 100); w[0]+w[1] != 0 {
+			t.Fatalf("windows %v for tenants sending alike commands alike", w)
+		}
+	}
+}
+
+// A tenant at one command per session that still costs far more than its share has each
+// command wait (its pace), never longer than fairMaxPace; back at the average, its pace goes
+// first and then its window grows back.
+func TestFairSharesPaceATenantStillAboveItsShareAtOneCommandPerSession(t *testing.T) {
+	r := newFairRig(t, 32, 1, 1)
+	r.ts[0].acct.used[resSessions].Store(4)
+	r.ts[0].acct.used[resCommands].Store(128)
+	cost := []time.Duration{100 * time.Microsecond, 0}
+	for range 30 {
+		r.stepCost(cost, 1000, 100)
+	}
+	s := &r.ts[0].fair
+	if w := s.sessWindow.Load(); w != 1 {
+		t.Fatalf("window %d per session, want the floor of 1", w)
+	}
+	if p := time.Duration(s.pace.Load()); p <= 0 || p > fairMaxPace {
+		t.Fatalf("pace %v: want a wait per command in (0, %v]", p, fairMaxPace)
+	}
+	if p := r.ts[1].fair.pace.Load(); p != 0 {
+		t.Fatalf("the tenant within its share is paced by %v", time.Duration(p))
+	}
+	for range 100 {
+		r.stepCost(cost, 10, 100)
+		if s.pace.Load() != 0 && s.sessWindow.Load() != 1 {
+			t.Fatalf("window grew to %d while the pace is still %v", s.sessWindow.Load(), time.Duration(s.pace.Load()))
+		}
+		if s.pace.Load() == 0 && s.sessWindow.Load() == 0 {
+			return
+		}
+	}
+	t.Fatalf("pace %v, window %d after 100 steps below the average: want both gone",
+		time.Duration(s.pace.Load()), s.sessWindow.Load())
 }
 
 // Shares turned off never list or limit anyone.
@@ -172,5 +232,35 @@ func TestATenantSendingFarMoreThanAnotherHasItsWindowCutUntilItIsAlone(t *testin
 		if time.Now().After(deadline) {
 			t.Fatalf("tenant A busy alone: window %d, want it back to %d", win, depth)
 		}
+	}
+}
+
+// A paced tenant's command waits its pace before it runs and then completes; taking the
+// tenant out of service while its reader waits ends the wait at once, not after the pace.
+func TestAPacedTenantsCommandWaitsItsPaceAndClosingTheTenantEndsTheWait(t *testing.T) {
+	ts := startRAMServer(t, Options{QueueDepth: 32})
+	a := dialTest(t, ts)
+	a.login("iqn.i:a", 1)
+	const pace = 100 * time.Millisecond
+	ts.tenant.fair.pace.Store(int64(pace))
+	start := time.Now()
+	a.window()
+	if took := time.Since(start); took < pace {
+		t.Fatalf("a command of a tenant paced by %v completed in %v", pace, took)
+	}
+
+	ts.tenant.fair.pace.Store(int64(time.Hour))
+	a.scsi(make([]byte, 16), 0, false, false, nil, true)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel() // no grace: whatever is connected is closed at once
+	closed := make(chan struct{})
+	go func() {
+		ts.srv.CloseTenant(ctx, ts.tenant)
+		close(closed)
+	}()
+	select {
+	case <-closed:
+	case <-time.After(testTimeout):
+		t.Fatal("closing the tenant waits for its reader's pace")
 	}
 }

@@ -2,6 +2,7 @@ package target
 
 import (
 	"sync/atomic"
+	"time"
 )
 
 // resource is one kind of thing a tenant can hold; every holding is counted at three levels:
@@ -113,6 +114,9 @@ type Usage struct {
 	// FairWindow, of a tenant, is what each of its sessions may have in flight now because
 	// other tenants are busy too (fair.go); 0: its whole window.
 	FairWindow int `json:"fair_window,omitempty"`
+	// FairPace, of a tenant, is how long each of its commands waits before it runs because
+	// even one command per session costs more than its share (fair.go); 0: none.
+	FairPace time.Duration `json:"fair_pace_ns,omitempty"`
 }
 
 func usageOf(c *[numResources]atomic.Int64) Usage {

@@ -275,6 +275,7 @@ func (s *Server) NewTenant(name string, lim Limits) *Tenant {
 func (t *Tenant) usage() Usage {
 	u := usageOf(&t.acct.used)
 	u.FairWindow = int(t.fair.sessWindow.Load())
+	u.FairPace = time.Duration(t.fair.pace.Load())
 	return u
 }
 

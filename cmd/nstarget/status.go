@@ -63,6 +63,9 @@ func printStatus(w io.Writer, st *status) {
 		if t.Usage.FairWindow > 0 {
 			window = fmt.Sprintf("%d/session", t.Usage.FairWindow)
 		}
+		if t.Usage.FairPace > 0 {
+			window += fmt.Sprintf(" +%v/command", t.Usage.FairPace.Round(time.Microsecond))
+		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\t%s\n", t.Name, t.Netns, state, t.Portal,
 			t.Usage.Sessions, t.Usage.Connections, t.Usage.Commands, mib(t.Usage.BufferBytes), window)
 	}
