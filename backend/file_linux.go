@@ -109,9 +109,21 @@ func (v *fileVol) ReadAt(p []byte, off int64) (int, error) {
 	if v.isClosed {
 		return 0, ErrClosed
 	}
+	// Page-cache hits first, without a thread hand-off (nowait_linux.go); what would block is
+	// read below, within the pool's io slots.
+	done, eof, err := v.readCached(p, off)
+	if err != nil {
+		return done, fmt.Errorf("backend: volume %q: pread at %d: %w", v.name, off+int64(done), err)
+	}
+	if eof {
+		clear(p[done:])
+		return len(p), nil
+	}
+	if done == len(p) {
+		return done, nil
+	}
 	v.pool.io <- struct{}{}
 	defer func() { <-v.pool.io }()
-	done := 0
 	for done < len(p) {
 		n, err := unix.Pread(v.fd, p[done:], off+int64(done))
 		if err == unix.EINTR {

@@ -20,6 +20,10 @@ type fileVol struct {
 	closeMu  sync.RWMutex
 	isClosed bool
 
+	// blockingReads is set once preadv2(RWF_NOWAIT) proves unsupported on this volume's file
+	// system: its reads then all take the ordinary path (nowait_linux.go).
+	blockingReads atomic.Bool
+
 	// stateMu orders LoadState/SaveState (state.go) of this volume.
 	stateMu sync.Mutex
 }
