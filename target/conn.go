@@ -64,7 +64,8 @@ type conn struct {
 
 	writerStarted bool // set by serve before it starts writeLoop
 
-	sock io.Reader // nc, or a reader that spins on it briefly before parking (spinread_linux.go)
+	sock io.Reader   // nc, or a reader that spins on it briefly before parking (spinread_linux.go)
+	sw   *sockWriter // raw writev on nc (sockwrite_linux.go); nil: net.Buffers.WriteTo
 
 	wlock sync.Mutex // held by whoever writes to nc; guards the fields below
 	nb    net.Buffers
@@ -102,6 +103,7 @@ func newConn(s *Server, nc net.Conn, t *Tenant, attrs []slog.Attr) *conn {
 		wdone:  make(chan struct{}),
 	}
 	c.sock = newSocketReader(nc, &c.pending, &t.fair.sessWindow)
+	c.sw = newSockWriter(nc)
 	c.br = bufio.NewReaderSize(c.sock, 64<<10)
 	c.pr.r = c.br
 	return c
@@ -766,8 +768,13 @@ func (c *conn) flushLocked() error {
 		for _, p := range batch {
 			iov = appendIOV(iov, p, hd, dd)
 		}
-		c.nb = iov
-		_, werr := c.nb.WriteTo(c.nc)
+		var werr error
+		if c.sw != nil {
+			werr = c.sw.writeBuffers(iov)
+		} else {
+			c.nb = iov
+			_, werr = c.nb.WriteTo(c.nc)
+		}
 		clear(iov)
 		c.iov = iov[:0]
 		c.mu.Lock()

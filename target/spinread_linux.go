@@ -44,7 +44,7 @@ type spinReader struct {
 	// state of the Read in progress
 	p    []byte
 	n    int
-	err  error
+	err  syscall.Errno
 	spin bool
 }
 
@@ -71,18 +71,18 @@ func (s *spinReader) Read(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	s.p, s.n, s.err = p, 0, nil
+	s.p, s.n, s.err = p, 0, 0
 	s.spin = s.spins && s.skip == 0 && (s.busy == nil || s.busy.Load() == 0) && (s.shared == nil || s.shared.Load() == 0)
 	if s.skip > 0 {
 		s.skip--
 	}
 	err := s.rc.Read(s.try)
 	n, rerr := s.n, s.err
-	s.p, s.err = nil, nil
+	s.p, s.err = nil, 0
 	if err != nil {
 		return 0, err
 	}
-	if rerr != nil {
+	if rerr != 0 {
 		return 0, os.NewSyscallError("read", rerr)
 	}
 	if n == 0 {
@@ -96,9 +96,9 @@ func (s *spinReader) Read(p []byte) (int, error) {
 func (s *spinReader) tryRead(fd uintptr) bool {
 	var start time.Time
 	for {
-		// syscall.Read, not unix.Read: its race annotations pair with the net package's
-		// writes (and the peer's), so -race sees the same happens-before as net.Conn.Read.
-		s.n, s.err = syscall.Read(int(fd), s.p)
+		// sysRead (rawsys_linux.go): no hand-off of the P for a call that cannot sleep; in
+		// race builds syscall.Read, whose annotations pair with the net package's writes.
+		s.n, s.err = sysRead(int(fd), s.p)
 		switch {
 		case s.err == syscall.EINTR:
 			continue
