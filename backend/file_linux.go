@@ -157,6 +157,11 @@ func (v *fileVol) WriteAt(p []byte, off int64) (int, error) {
 
 // writeLocked is the pwrite loop (short writes and EINTR retried); closeMu must be held shared.
 func (v *fileVol) writeLocked(p []byte, off int64) (int, error) {
+	// One pwrite per file at a time: a buffered write holds the inode's lock exclusively
+	// (ext4, XFS), so a second one in the kernel gains nothing and waits there, spinning on
+	// the lock and then sleeping on a thread of its own; here it waits as a parked goroutine.
+	v.writeMu.Lock()
+	defer v.writeMu.Unlock()
 	v.pool.io <- struct{}{}
 	defer func() { <-v.pool.io }()
 	done := 0

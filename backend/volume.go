@@ -20,6 +20,9 @@ type fileVol struct {
 	closeMu  sync.RWMutex
 	isClosed bool
 
+	// writeMu lets one pwrite of this volume into the kernel at a time (writeLocked).
+	writeMu sync.Mutex
+
 	// blockingReads is set once preadv2(RWF_NOWAIT) proves unsupported on this volume's file
 	// system: its reads then all take the ordinary path (nowait_linux.go).
 	blockingReads atomic.Bool
