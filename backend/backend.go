@@ -66,10 +66,11 @@ type Pool struct {
 	io chan struct{}
 }
 
-// ioSlots is how many pread/pwrite calls may be in the kernel at once. Go gives every call
-// that takes longer than ~20 µs (a 1 MiB copy, a write waiting on the inode lock, a page-cache
-// miss) a thread of its own and keeps the thread afterwards, so without a bound a burst of busy
-// sessions grows the process by a thread per session. A few calls per core keep the page cache
+// ioSlots is how many ordinary pread/pwrite calls (writes, and reads the page cache could not
+// answer: nowait_linux.go) may be in the kernel at once. Go gives every call that takes longer
+// than ~20 µs (a write waiting on the inode lock or on writeback, a page-cache miss, or any
+// call whose thread the kernel preempts) a thread of its own and keeps the thread afterwards,
+// so without a bound a burst of busy sessions grows the process by a thread per session. A few calls per core keep the page cache
 // and a disk's queue busy; past that, more threads only contend for the same inode and cores.
 func ioSlots() int { return max(4, 2*runtime.GOMAXPROCS(0)) }
 
