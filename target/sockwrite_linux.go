@@ -86,16 +86,15 @@ func (w *sockWriter) tryWrite(fd uintptr) bool {
 			w.err = io.ErrShortWrite // no progress on a non-empty batch: never loop on it
 			return true
 		}
-		for n > 0 {
+		// Skip what went out: whole iovecs, then the written head of a partial one.
+		for n > 0 && n >= int(w.iov[w.i].Len) {
+			n -= int(w.iov[w.i].Len)
+			w.i++
+		}
+		if n > 0 {
 			v := &w.iov[w.i]
-			if l := int(v.Len); n < l {
-				v.Base = (*byte)(unsafe.Add(unsafe.Pointer(v.Base), n))
-				v.SetLen(l - n)
-				break
-			} else {
-				n -= l
-				w.i++
-			}
+			v.Base = (*byte)(unsafe.Add(unsafe.Pointer(v.Base), n))
+			v.SetLen(int(v.Len) - n)
 		}
 	}
 	return true
