@@ -37,6 +37,8 @@ REPORTING := ./tests/conformance/ ./tests/e2e/vm/
 test: deps vet
 	$(GO) test -race -count=1 -tags rbd -timeout $(TIMEOUT) $$($(GO) list ./... | grep -v -e /tests/conformance -e /tests/e2e/vm)
 	$(GO) test -race -count=1 -tags rbd -timeout $(TIMEOUT) -v $(REPORTING)
+	# The raw-syscall data path (socket I/O, RWF_NOWAIT reads) exists only in non-race builds.
+	$(GO) test -count=1 -timeout $(TIMEOUT) ./target/ ./backend/
 
 demo: deps build
 	./$(BIN) demo
