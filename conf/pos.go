@@ -1,8 +1,10 @@
 package conf
 
 import (
+	"path/filepath"
 	"strconv"
 	"strings"
+	"unsafe"
 )
 
 // positions maps an indexed key path ("tenant[1].target[0].iqn") to the 1-based line it is
@@ -302,4 +304,175 @@ func scan(doc string, all bool) positions {
 		}
 	}
 	return pos
+}
+
+// Portal is one tenant's listen address as a file gives it: the namespace (file name under
+// netns_dir) and the ip:port inside it.
+type Portal struct{ Netns, Addr string }
+
+// PeekPortals reads, without decoding or validating the file, where its tenants listen: the
+// absolute netns_dir and each [[tenant]]'s namespace and portal, with Parse's defaults. It
+// exists so that a server can bring its listeners up while the file is still being parsed
+// (a 1024-tenant file takes tens of ms to decode; its listeners as long again); what it returns
+// is a guess that the caller must reconcile with Parse's result, which is the truth, and throw
+// away if Parse fails. ok is false, and nothing should be started early, when the file holds
+// anything it does not read with certainty: a table other than [server] and [[tenant]] (and
+// their sub-tables; a [cluster] file's tenants are the cluster's to place), a key outside a
+// table, or one of these keys with a value that is not a plain one-line string. A tenant whose
+// namespace or portal would not pass Parse is left out.
+func PeekPortals(file string, data []byte) (netnsDir string, portals []Portal, ok bool) {
+	// The scan only reads data, and the strings it keeps are cloned: no copy of the whole file.
+	sc := &scanner{s: unsafe.String(unsafe.SliceData(data), len(data)), line: 1}
+	dir := ""
+	type tenant struct {
+		name, netns, portal          string
+		nameSet, netnsSet, portalSet bool
+	}
+	var tenants []tenant
+	section := "" // "server", "tenant" (the last [[tenant]] itself) or "other" (their sub-tables)
+	for !sc.eof() {
+		sc.skipBlank()
+		if sc.eof() {
+			break
+		}
+		switch sc.peek() {
+		case '\n', '\r':
+			sc.next()
+			continue
+		case '#':
+			sc.skipLine()
+			continue
+		case '[':
+			array := sc.has("[[")
+			sc.i++
+			if array {
+				sc.i++
+			}
+			parts := sc.key()
+			if !sc.eof() && sc.peek() == ']' {
+				sc.i++
+				if array && (sc.eof() || sc.peek() != ']') {
+					return "", nil, false
+				}
+			}
+			switch {
+			case len(parts) == 0:
+				return "", nil, false
+			case array && len(parts) == 1 && parts[0] == "tenant":
+				tenants = append(tenants, tenant{})
+				section = "tenant"
+			case parts[0] == "tenant" && len(parts) > 1 && len(tenants) > 0:
+				section = "other"
+			case !array && parts[0] == "server":
+				section = "other"
+				if len(parts) == 1 {
+					section = "server"
+				}
+			default:
+				return "", nil, false
+			}
+			sc.skipLine()
+			continue
+		}
+		if section == "" {
+			return "", nil, false
+		}
+		if section == "other" {
+			// Nothing to keep: look past the statement without building its key.
+			sc.skipKey()
+			sc.skipBlank()
+			if sc.eof() || sc.peek() != '=' {
+				return "", nil, false
+			}
+			sc.i++
+			sc.skipValue()
+			continue
+		}
+		parts := sc.key()
+		sc.skipBlank()
+		if len(parts) == 0 || sc.eof() || sc.peek() != '=' {
+			return "", nil, false
+		}
+		sc.i++
+		sc.skipBlank()
+		var dst *string
+		var set *bool
+		switch {
+		case section == "server" && parts[0] == "netns_dir":
+			dst = &dir
+		case section == "tenant" && parts[0] == "name":
+			t := &tenants[len(tenants)-1]
+			dst, set = &t.name, &t.nameSet
+		case section == "tenant" && parts[0] == "netns":
+			t := &tenants[len(tenants)-1]
+			dst, set = &t.netns, &t.netnsSet
+		case section == "tenant" && parts[0] == "portal":
+			t := &tenants[len(tenants)-1]
+			dst, set = &t.portal, &t.portalSet
+		default:
+			sc.skipValue()
+			continue
+		}
+		s, ok := sc.plainString()
+		if !ok || len(parts) != 1 {
+			return "", nil, false
+		}
+		*dst = strings.Clone(s)
+		if set != nil {
+			*set = true
+		}
+	}
+	if dir == "" {
+		dir = DefaultNetnsDir
+	} else if !filepath.IsAbs(dir) {
+		// As Parse anchors it: relative to the file's directory.
+		abs, err := filepath.Abs(filepath.Join(filepath.Dir(file), dir))
+		if err != nil {
+			return "", nil, false
+		}
+		dir = abs
+	}
+	portals = make([]Portal, 0, len(tenants))
+	for _, t := range tenants {
+		netns := t.name
+		if t.netnsSet {
+			netns = t.netns
+		}
+		portal := DefaultPortal
+		if t.portalSet {
+			portal = t.portal
+		}
+		if !t.nameSet || checkFileName("netns", netns) != nil || CheckPortal(portal) != nil {
+			continue // Parse refuses it
+		}
+		portals = append(portals, Portal{Netns: netns, Addr: portal})
+	}
+	return filepath.Clean(dir), portals, true
+}
+
+// plainString reads a one-line string value without escapes ("..." or '...') and what may
+// follow it on its line (blanks, a comment); ok is false for anything else.
+func (sc *scanner) plainString() (string, bool) {
+	if sc.eof() || (sc.peek() != '"' && sc.peek() != '\'') || sc.has(`"""`) || sc.has(`'''`) {
+		return "", false
+	}
+	q := sc.next()
+	start := sc.i
+	for !sc.eof() && sc.peek() != q {
+		if c := sc.peek(); c == '\\' || c == '\n' || c == '\r' || c < 0x20 && c != '\t' || c == 0x7f {
+			return "", false
+		}
+		sc.i++
+	}
+	if sc.eof() {
+		return "", false
+	}
+	s := sc.s[start:sc.i]
+	sc.i++
+	sc.skipBlank()
+	if !sc.eof() && sc.peek() != '\n' && sc.peek() != '\r' && sc.peek() != '#' {
+		return "", false
+	}
+	sc.skipLine()
+	return s, true
 }

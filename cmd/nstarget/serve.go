@@ -34,6 +34,87 @@ type serveOptions struct {
 	// FDLimit is RLIMIT_NOFILE as the caller already raised it (raiseFDLimit); 0: serve raises
 	// it.
 	FDLimit uint64
+	// Early, if set, is a mux the caller started from a guess at the file's portals
+	// (startEarlyMux) while it parsed the file: serve takes it over and makes its listeners
+	// those of cfg, or closes it and starts its own when it cannot (another netns_dir).
+	Early *earlyMux
+}
+
+// earlyMux is the namespace mux `nstarget serve` starts before its configuration is parsed,
+// from conf.PeekPortals: a 1024-tenant file takes tens of ms to decode and its listeners as
+// long again, and on two CPUs the listeners' workers can use the CPU the parse leaves idle.
+// The guess is never trusted: serve listens on what cfg says and drops what it does not, and
+// if the file is refused the mux is closed (the process exits 1). Its events wait until serve
+// takes it over (they then name tenants of cfg) or are dropped if it is closed first.
+type earlyMux struct {
+	made    chan struct{} // closed once mux is set (nil: New failed; serve tries again itself)
+	mux     *netnsmux.Mux
+	dir     string
+	listens map[conf.Portal]bool // what mux was asked to listen on
+	runCtx  context.Context
+	stopRun context.CancelFunc
+	runDone chan error
+
+	gate     chan struct{} // closed: events go to deliver, or are dropped if it is nil
+	gateOnce sync.Once
+	deliver  func(netnsmux.Event)
+	adopted  bool
+}
+
+// startEarlyMux makes a mux for dir in a goroutine (the fd table's growth waits for an RCU
+// grace period), asks it to listen on portals and runs it.
+func startEarlyMux(log *slog.Logger, dir string, portals []conf.Portal) *earlyMux {
+	e := &earlyMux{made: make(chan struct{}), dir: dir, gate: make(chan struct{}), runDone: make(chan error, 1)}
+	go func() {
+		defer close(e.made)
+		mux, err := netnsmux.New(netnsmux.Options{Dir: dir, Logger: log, OnEvent: func(ev netnsmux.Event) {
+			<-e.gate
+			if e.deliver != nil {
+				e.deliver(ev)
+			}
+		}})
+		if err != nil {
+			return
+		}
+		e.listens = make(map[conf.Portal]bool, len(portals))
+		for _, p := range portals {
+			if mux.Listen(p.Netns, p.Addr) == nil {
+				e.listens[p] = true
+			}
+		}
+		e.runCtx, e.stopRun = context.WithCancel(context.Background())
+		go func() { e.runDone <- mux.Run(e.runCtx) }()
+		e.mux = mux
+	}()
+	return e
+}
+
+// adopt hands the running mux to serve, whose events from now on go to onEvent; false (and
+// the mux closed) if it is not for dir or could not be made.
+func (e *earlyMux) adopt(dir string, onEvent func(netnsmux.Event)) bool {
+	<-e.made
+	if e.mux == nil || e.dir != dir {
+		e.close()
+		return false
+	}
+	e.deliver = onEvent
+	e.adopted = true
+	e.gateOnce.Do(func() { close(e.gate) })
+	return true
+}
+
+// close stops and closes the mux unless serve adopted it (serve then closes it). Its pending
+// events are dropped.
+func (e *earlyMux) close() {
+	<-e.made
+	if e.adopted || e.mux == nil {
+		return
+	}
+	e.gateOnce.Do(func() { close(e.gate) })
+	e.mux.Close()
+	e.stopRun()
+	<-e.runDone
+	e.mux = nil
 }
 
 // tenantRun is a tenant being served: what the accept loop needs to hand a connection to the
@@ -131,35 +212,61 @@ func serve(ctx context.Context, cfg *conf.Config, opts serveOptions) (err error)
 			return startNames[ns]
 		}
 	}
-	mux, err := netnsmux.New(netnsmux.Options{
-		Dir:    cfg.Server.NetnsDir,
-		Logger: log,
-		OnEvent: func(ev netnsmux.Event) {
-			logEvent(log, tenantOf(ev.Namespace), ev)
-			if opts.OnEvent != nil {
-				opts.OnEvent(ev)
-			}
-		},
-	})
-	if err != nil {
-		return fmt.Errorf("netnsmux: %w", err)
+	onEvent := func(ev netnsmux.Event) {
+		logEvent(log, tenantOf(ev.Namespace), ev)
+		if opts.OnEvent != nil {
+			opts.OnEvent(ev)
+		}
 	}
+	// The mux outlives the accept loop so sessions can still log out after we stop accepting.
+	var (
+		mux     *netnsmux.Mux
+		runCtx  context.Context
+		stopRun context.CancelFunc
+		runDone chan error
+		have    map[conf.Portal]bool // listened on already (by the early mux)
+	)
+	if e := opts.Early; e != nil && e.adopt(cfg.Server.NetnsDir, onEvent) {
+		mux, runCtx, stopRun, runDone, have = e.mux, e.runCtx, e.stopRun, e.runDone, e.listens
+	} else {
+		mux, err = netnsmux.New(netnsmux.Options{Dir: cfg.Server.NetnsDir, Logger: log, OnEvent: onEvent})
+		if err != nil {
+			return fmt.Errorf("netnsmux: %w", err)
+		}
+		runCtx, stopRun = context.WithCancel(context.Background())
+	}
+	defer stopRun()
 	svc.mux = mux
 	if opts.OnMux != nil {
 		opts.OnMux(mux)
 	}
+	want := make(map[conf.Portal]bool, len(cfg.Tenants))
 	for _, tn := range cfg.Tenants {
+		p := conf.Portal{Netns: tn.Netns, Addr: tn.Portal}
+		want[p] = true
+		if have[p] {
+			continue
+		}
 		if err := mux.Listen(tn.Netns, tn.Portal); err != nil {
 			mux.Close()
+			if runDone != nil {
+				stopRun()
+				<-runDone
+			}
 			return fmt.Errorf("tenant %s: listen %s in netns %s: %w", tn.Name, tn.Portal, tn.Netns, err)
 		}
 	}
-
-	// The mux outlives the accept loop so sessions can still log out after we stop accepting.
-	runCtx, stopRun := context.WithCancel(context.Background())
-	defer stopRun()
-	runDone := make(chan error, 1)
-	go func() { runDone <- mux.Run(runCtx) }()
+	// What the early mux guessed wrong is dropped; a conn it accepted there meanwhile is
+	// closed by the accept loop (no tenant owns the namespace).
+	for p := range have {
+		if !want[p] {
+			mux.Unlisten(p.Netns, p.Addr)
+		}
+	}
+	if runDone == nil {
+		runDone = make(chan error, 1)
+		go func() { runDone <- mux.Run(runCtx) }()
+	}
 
 	acceptCtx, stopAccept := context.WithCancel(ctx)
 	defer stopAccept()
