@@ -260,10 +260,12 @@ func (m *Mux) closed() bool {
 // shutdown marks the Mux closed; every later Listen/Accept/Do/Run returns ErrClosed.
 func (m *Mux) shutdown() { m.closeOnce.Do(func() { close(m.done) }) }
 
-func (m *Mux) poke() {
+func (m *Mux) poke() bool {
 	select {
 	case m.kick <- struct{}{}:
+		return true
 	default:
+		return false
 	}
 }
 

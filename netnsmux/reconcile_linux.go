@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -197,15 +198,32 @@ func (m *Mux) reconcile(ctx context.Context) time.Time {
 		}
 	}
 
-	if len(fresh) > 0 {
-		m.bringUp(ctx, fresh, later)
-	}
+	// Listeners of namespaces already held first (a replaced namespace, a retry): they are few,
+	// and must not wait behind a bulk of new names (a reload that adds 32 tenants delayed a
+	// replaced namespace's listener by 20 ms under the churn benchmark).
 	if len(jobs) > 0 {
 		errs := m.startListeners(ctx, jobs)
 		now = time.Now()
 		for i, l := range jobs {
 			m.listenOutcome(ctx, l, errs[i], now, later)
 		}
+	}
+	if len(fresh) > 0 {
+		// Names that were placeholders before (a namespace being re-created, looked at since
+		// its IN_CREATE) go first, ahead of names only just wanted (a reload's new tenants):
+		// the first are what a client is waiting for.
+		slices.SortStableFunc(fresh, func(a, b freshItem) int {
+			_, pa := m.pending[a.name]
+			_, pb := m.pending[b.name]
+			switch {
+			case pa && !pb:
+				return -1
+			case pb && !pa:
+				return 1
+			}
+			return 0
+		})
+		m.bringUp(ctx, fresh, later)
 	}
 	return next
 }
@@ -497,6 +515,11 @@ func (m *Mux) runSteps(ctx context.Context, steps []step, after func(lo, hi int)
 	nb := min(m.opts.Workers, len(steps))
 	per := (len(steps) + nb - 1) / nb
 	each := func(fn func(lo, hi int)) {
+		if nb == 1 {
+			// One namespace at a time (churn): no goroutine to hand the wait to.
+			fn(0, len(steps))
+			return
+		}
 		var wg sync.WaitGroup
 		for lo := 0; lo < len(steps); lo += per {
 			hi := min(lo+per, len(steps))
