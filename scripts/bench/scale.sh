@@ -19,7 +19,10 @@
 #   - fairness: a noisy tenant (4K writes, QD128 over 4 sessions) vs 15 quiet ones (4K reads
 #     QD4), per-tenant IOPS and p99, and a server CPU profile of a noisy run;
 #   - churn under load: 300 other tenants' namespaces deleted and re-created in a loop and
-#     tenants added/removed by `nstarget reload` while the 16 sessions run I/O.
+#     tenants added/removed by `nstarget reload` while the 16 sessions run I/O; mount ->
+#     accepting is seen by sock_diag (LISTEN state, looked at every 0.2 ms by a prober at the
+#     servers' nice level), then timed again with a connect from inside the namespace (the
+#     earlier prober); every sample goes to RESULTS_DIR/churn-samples-*.tsv.
 # Writes SVG plots to bench/results/ (see bench/results/README.md), the table and raw JSON to
 # RESULTS_DIR. Asserts nothing about speed: exits non-zero only when a run fails (a server
 # that does not come up, an I/O error, a lost session, a tenant that does not serve again).
@@ -39,7 +42,8 @@
 #                         its CPU time in the sweep before: at most a third of a core)
 #   ACCEPT_AB=0           1: bring-up also times this binary under the earlier prober (connect,
 #                         0.5 ms between sweeps), alternating, to show what probing costs
-#   BASE_BIN=path         also time this nstarget binary's bring-up (before/after), or
+#   BASE_BIN=path         also time this nstarget binary's bring-up (before/after, alternating
+#                         starts) and churn (a churn phase of its own just before this one's), or
 #   BASE_REV=rev          build it from git revision rev (git archive; the work tree is untouched)
 #   STRACE=1              0: skip the strace check
 #   NST_BIN=path          use this nstarget binary instead of building one

@@ -98,7 +98,7 @@ func run() int {
 	b.handles = newNSHandles(b)
 	var tenants, phases string
 	flag.StringVar(&b.nst, "nst", "", "nstarget binary")
-	flag.StringVar(&b.baseNst, "base-nst", "", "bring-up before/after: also time this nstarget binary's bring-up (alternating)")
+	flag.StringVar(&b.baseNst, "base-nst", "", "before/after: also time this nstarget binary's bring-up (alternating) and churn (before this binary's)")
 	flag.StringVar(&b.prefix, "prefix", fmt.Sprintf("sb%d", os.Getpid()), "namespace name prefix (names PREFIX-0001 …)")
 	flag.StringVar(&b.nsDir, "netns-dir", "", "private netns dir (default /run/PREFIX-netns)")
 	flag.StringVar(&b.work, "work", "", "work dir (pool, configs, logs)")
@@ -213,6 +213,14 @@ func run() int {
 			b.fairness(rep, *fairRuntime)
 		}
 		if b.phases["churn"] {
+			if b.baseNst != "" {
+				// Before/after in the same run: the base binary's churn first, back to back.
+				saved := b.nst
+				b.nst = b.baseNst
+				b.churn(rep, *churnFor, *churnN, *reloadN)
+				b.nst = saved
+				rep.ChurnBase, rep.Churn = rep.Churn, nil
+			}
 			b.churn(rep, *churnFor, *churnN, *reloadN)
 		}
 	}

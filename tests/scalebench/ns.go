@@ -87,6 +87,21 @@ func (p *prober) try(nsfd int) (bool, error) {
 	return false, err
 }
 
+// diagSocket makes a NETLINK_SOCK_DIAG socket inside the namespace open as nsfd (on the
+// prober's thread, which stays there until the next setns).
+func (p *prober) diagSocket(nsfd int) (int, error) {
+	if err := unix.Setns(nsfd, unix.CLONE_NEWNET); err != nil {
+		return -1, fmt.Errorf("setns: %w", err)
+	}
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
+	if err != nil {
+		return -1, fmt.Errorf("sock_diag socket: %w", err)
+	}
+	// A kernel that never answers must not hang the bench.
+	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 2})
+	return fd, nil
+}
+
 // done brings the thread home and unlocks it (or leaves it locked to die if it cannot).
 func (p *prober) done() error {
 	defer unix.Close(p.home)
