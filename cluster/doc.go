@@ -2,8 +2,10 @@
 // membership and ownership, and tells its caller when to start and stop serving a tenant.
 //
 // It owns: the keys under a configurable prefix (see the layout below), this node's lease and
-// its local expiry watchdog, the placement function (Place), the compare-and-set claims of
-// tenants, and the order of the caller's callbacks (Handler).
+// its local expiry watchdog (on an etcd connection of its own), the placement function (Place)
+// and what follows from it (Standby: what this node would get if another died), the
+// compare-and-set claims of tenants, and the order of the caller's callbacks (Handler, and
+// StandbyHandler if the caller keeps a hot standby).
 //
 // It must never: know what a tenant is made of (iSCSI targets, volumes, namespaces: the
 // published document is opaque bytes to it, validated by whoever publishes it), touch the

@@ -65,7 +65,8 @@ type recorder struct {
 	holder  map[string]string // tenant → node
 	acquire map[string]time.Time
 	lostAt  map[string]time.Time
-	updates map[string]int64 // node → last document revision passed by Update
+	updates map[string]int64    // node → last document revision passed by Update
+	standby map[string][]string // node → last tenants passed by Standby
 	bad     []string
 	changed chan struct{} // closed and replaced on every change
 	// fail, if set, makes Acquire of (node, tenant) fail while it returns true.
@@ -74,7 +75,7 @@ type recorder struct {
 
 func newRecorder() *recorder {
 	return &recorder{holder: map[string]string{}, acquire: map[string]time.Time{}, lostAt: map[string]time.Time{},
-		updates: map[string]int64{}, changed: make(chan struct{})}
+		updates: map[string]int64{}, standby: map[string][]string{}, changed: make(chan struct{})}
 }
 
 func (r *recorder) notify() { close(r.changed); r.changed = make(chan struct{}) }
@@ -127,6 +128,19 @@ func (h handler) Update(doc Doc) {
 	defer r.mu.Unlock()
 	defer r.notify()
 	r.updates[h.node] = doc.Revision
+}
+
+func (h handler) Standby(tenants []string, doc Doc) {
+	r := h.r
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	defer r.notify()
+	for _, t := range tenants {
+		if !slices.Contains(doc.Tenants, t) {
+			r.bad = append(r.bad, fmt.Sprintf("%s: Standby(%s) with a document that does not list it", h.node, t))
+		}
+	}
+	r.standby[h.node] = slices.Clone(tenants)
 }
 
 func (h handler) Lost() {

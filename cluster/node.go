@@ -84,6 +84,19 @@ type Handler interface {
 	Lost()
 }
 
+// StandbyHandler is what a Handler may also implement to keep a hot standby: to prepare, in
+// the background, for taking over the tenants this node would be given if another node died
+// (e.g. open their volumes without their locks), so that a takeover only has to fence, lock
+// and serve.
+type StandbyHandler interface {
+	// Standby passes the tenants this node would be given if any one other live node died
+	// (Standby of the live nodes), each time that set or the document changes, after the
+	// node's own claims and releases of the round are done. It must return at once. The
+	// tenants are still someone else's: the caller must neither serve them nor fence
+	// anything of theirs; it gets Acquire for those it is given, as for any other tenant.
+	Standby(tenants []string, doc Doc)
+}
+
 // Node takes part in the cluster: it keeps a lease, registers under nodes/, and claims and
 // releases tenants as placement says. Create with New, run with Run.
 type Node struct {
@@ -163,13 +176,21 @@ func (n *Node) Run(ctx context.Context) error {
 		return fmt.Errorf("cluster: etcd client for %v: %w", n.cfg.Endpoints, err)
 	}
 	defer cli.Close()
+	// The lease's keepalives get a connection of their own: on the shared one they would
+	// queue behind whatever else is in flight on it (a takeover's claims, the watch stream
+	// delivering a large tenant set), and a keepalive that is late is a lease lost.
+	kcli, err := clientv3.New(cc)
+	if err != nil {
+		return fmt.Errorf("cluster: etcd client for %v: %w", n.cfg.Endpoints, err)
+	}
+	defer kcli.Close()
 
 	started := time.Now().UTC()
 	const firstBackoff = 100 * time.Millisecond
 	backoff := firstBackoff
 	for {
 		began := time.Now()
-		err := n.session(ctx, cli, started)
+		err := n.session(ctx, cli, kcli, started)
 		if ctx.Err() != nil {
 			return err // the leave's own errors, if any
 		}
@@ -191,7 +212,7 @@ var errLost = errors.New("cluster: lease lost")
 
 // session is one lease's life: grant, register, reconcile until ctx ends (leave in order) or
 // the lease is lost.
-func (n *Node) session(ctx context.Context, cli *clientv3.Client, started time.Time) error {
+func (n *Node) session(ctx context.Context, cli, kcli *clientv3.Client, started time.Time) error {
 	// sctx ends when the lease is lost or the session is over; it is not a child of ctx
 	// because a leave needs etcd after ctx has ended.
 	sctx, scancel := context.WithCancel(context.WithoutCancel(ctx))
@@ -211,7 +232,7 @@ func (n *Node) session(ctx context.Context, cli *clientv3.Client, started time.T
 	ttl := time.Duration(grant.TTL) * time.Second
 	log := n.log.With("lease", int64(lease))
 	lost := make(chan struct{})
-	stopKeeper := startKeeper(sctx, cli, lease, sent, ttl, n.cfg.Margin, log, func(reason string) {
+	stopKeeper := startKeeper(sctx, kcli, lease, sent, ttl, n.cfg.Margin, log, func(reason string) {
 		// Cancel first: in-flight Acquires see it before the caller's Lost runs.
 		scancel()
 		close(lost)

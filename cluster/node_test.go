@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"maps"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -35,6 +36,7 @@ func TestNodesShareTenantsAndLeaveInOrder(t *testing.T) {
 	want := Place(ts, []string{"a", "b", "c"})
 	c.rec.waitFor(t, "three nodes to hold their tenants", func() bool { return c.rec.holds(want) })
 	checkOwners(t, c, c.rec.snapshot())
+	waitStandby(t, c, ts, "a", "b", "c")
 
 	ctx, cancel := context.WithTimeout(context.Background(), hungTest)
 	defer cancel()
@@ -60,6 +62,7 @@ func TestNodesShareTenantsAndLeaveInOrder(t *testing.T) {
 	c.rec.waitFor(t, "a and c to take b's tenants", func() bool { return c.rec.holds(want) })
 	t.Logf("planned leave of b: its tenants served elsewhere %v after the stop began", time.Since(start).Round(time.Millisecond))
 	checkOwners(t, c, c.rec.snapshot())
+	waitStandby(t, c, ts, "a", "c")
 	ttlResp, err := c.cli.TimeToLive(ctx, clientv3.LeaseID(leaseB))
 	if err != nil {
 		t.Fatal(err)
@@ -141,9 +144,17 @@ func TestLeaseLossStopsBeforeExpiry(t *testing.T) {
 		}
 	}
 	c.rec.mu.Unlock()
-	mu.Lock()
-	fd := firstDelete
-	mu.Unlock()
+	// b can only have claimed a's tenants after their keys were deleted, but the test's
+	// own watch may deliver that later than b's did (a loaded machine): wait for it.
+	var fd time.Time
+	for deadline := time.Now().Add(hungTest); ; time.Sleep(10 * time.Millisecond) {
+		mu.Lock()
+		fd = firstDelete
+		mu.Unlock()
+		if !fd.IsZero() || time.Now().After(deadline) {
+			break
+		}
+	}
 	if fd.IsZero() || !lostAt.Before(fd) {
 		t.Errorf("a called Lost at %v after the cut, its first owner key went at %v: Lost must come first",
 			lostAt.Sub(cut), fd.Sub(cut))
@@ -331,4 +342,14 @@ func TestResyncAfterCompaction(t *testing.T) {
 	c.rec.mu.Unlock()
 	checkOwners(t, c, c.rec.snapshot())
 	c.rec.check(t)
+}
+
+// waitStandby waits until each of live has been told to stand by for what Standby says it
+// would get if another of live died.
+func waitStandby(t *testing.T, c *testCluster, ts []string, live ...string) {
+	t.Helper()
+	for _, n := range live {
+		want := Standby(ts, live, n)
+		c.rec.waitFor(t, n+"'s standby set", func() bool { return slices.Equal(c.rec.standby[n], want) })
+	}
 }

@@ -104,3 +104,29 @@ func hash64(a, b string) uint64 {
 	h ^= h >> 31
 	return h
 }
+
+// Standby is the tenants that node self would be given if any one other node of nodes died:
+// those placed on another node that Place, without that node, gives to self. They are what a
+// node keeps ready to take over (a hot standby). A node is the standby of about 1/(N-1) of
+// each other node's tenants; with two nodes, of all the other's.
+func Standby(tenants []string, nodes []string, self string) []string {
+	ns := uniqueSorted(nodes)
+	if !slices.Contains(ns, self) {
+		return nil
+	}
+	place := Place(tenants, ns)
+	var out []string
+	for _, gone := range ns {
+		if gone == self {
+			continue
+		}
+		without := Place(tenants, slices.DeleteFunc(slices.Clone(ns), func(n string) bool { return n == gone }))
+		for t, n := range without {
+			if n == self && place[t] == gone {
+				out = append(out, t)
+			}
+		}
+	}
+	slices.Sort(out)
+	return out
+}

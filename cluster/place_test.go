@@ -152,3 +152,55 @@ func TestPlaceMovement(t *testing.T) {
 	}
 	t.Logf("node-d joined: %d tenants moved to it (1/N = %d), %d between old nodes", toNew, T/4, others)
 }
+
+// Standby is exactly what each node gets when another one dies: with two nodes all of the
+// other's tenants; with three, each dead node's tenants split between the two others' standby
+// sets, never a tenant the node already owns.
+func TestStandbyIsWhatANodeGetsWhenAnotherDies(t *testing.T) {
+	ts := tenantNames(300)
+	for _, nodes := range [][]string{{"a", "b"}, {"a", "b", "c"}, {"n1", "n2", "n3", "n4"}} {
+		place := Place(ts, nodes)
+		covered := map[string]int{}
+		for _, self := range nodes {
+			sb := Standby(ts, nodes, self)
+			want := map[string]bool{}
+			for _, gone := range nodes {
+				if gone == self {
+					continue
+				}
+				after := Place(ts, slices.DeleteFunc(slices.Clone(nodes), func(n string) bool { return n == gone }))
+				for t, n := range after {
+					if n == self && place[t] == gone {
+						want[t] = true
+					}
+				}
+			}
+			if got := slices.Sorted(maps.Keys(want)); !slices.Equal(sb, got) {
+				t.Errorf("nodes %v, %s: Standby has %d tenants, want %d", nodes, self, len(sb), len(got))
+			}
+			for _, tn := range sb {
+				if place[tn] == self {
+					t.Errorf("nodes %v, %s: stands by for %s, which it owns", nodes, self, tn)
+				}
+			}
+			for _, tn := range sb {
+				covered[tn]++
+			}
+			if len(nodes) == 2 && len(sb) != len(ts)-loads(place)[self] {
+				t.Errorf("nodes %v, %s: stands by for %d tenants, want all %d of the other node", nodes, self, len(sb), len(ts)-loads(place)[self])
+			}
+		}
+		// Whichever node dies, each of its tenants has exactly one standby: the node it goes to.
+		for _, tn := range ts {
+			if covered[tn] != 1 {
+				t.Errorf("nodes %v: tenant %s (on %s) has %d standby nodes, want 1", nodes, tn, place[tn], covered[tn])
+			}
+		}
+	}
+	if sb := Standby(ts, []string{"a"}, "a"); len(sb) != 0 {
+		t.Errorf("a lone node stands by for %d tenants", len(sb))
+	}
+	if sb := Standby(ts, []string{"a", "b"}, "c"); sb != nil {
+		t.Errorf("a node not in the set stands by for %d tenants", len(sb))
+	}
+}

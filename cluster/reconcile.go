@@ -52,6 +52,7 @@ type reconciler struct {
 
 	placedFor string // cache key of placement
 	placement map[string]string
+	standFor  string // placedFor when the StandbyHandler was last told
 
 	heard time.Time // when the watch events being reconciled arrived (for the profile)
 }
@@ -362,11 +363,27 @@ func (r *reconciler) reconcile(ctx, sctx context.Context) {
 		r.runJobs(ctx, sctx, starts)
 		r.given = r.doc.Revision
 	}
+	r.standby(ctx, sctx)
+}
+
+// standby tells a StandbyHandler which tenants to stand by for, when placement's inputs (the
+// document, the live nodes) have changed since it was last told.
+func (r *reconciler) standby(ctx, sctx context.Context) {
+	sb, ok := r.n.h.(StandbyHandler)
+	if !ok || ctx.Err() != nil || sctx.Err() != nil || r.standFor == r.placedFor {
+		return
+	}
+	r.standFor = r.placedFor
+	live := make([]string, 0, len(r.nodes))
+	for name := range r.nodes {
+		live = append(live, name)
+	}
+	sb.Standby(Standby(r.doc.Tenants, live, r.self), r.doc)
 }
 
 // profile logs where the time of a batch of claims went: one line per batch of more than one
 // claim, so a takeover can be read off the log ("takeover profile: claims").
-func (r *reconciler) profile(began time.Time, results []result) {
+func (r *reconciler) profile(began time.Time, claimedAll time.Duration, results []result) {
 	var claims, held, failed int
 	var lastClaim, lastHeld time.Duration
 	for _, res := range results {
@@ -389,8 +406,11 @@ func (r *reconciler) profile(began time.Time, results []result) {
 	if !r.heard.IsZero() {
 		sinceHeard = began.Sub(r.heard)
 	}
+	// Absolute times too, so that a benchmark can line the takeover up with the moment the
+	// previous owner's lease expired.
 	r.log.Info("takeover profile: claims", "tenants", claims, "held", held, "failed", failed,
-		"heard_to_start", sinceHeard, "last_claimed", lastClaim, "last_acquired", lastHeld)
+		"heard_at", r.heard.UTC().Format(time.RFC3339Nano), "began_at", began.UTC().Format(time.RFC3339Nano),
+		"heard_to_start", sinceHeard, "batched_claims", claimedAll, "last_claimed", lastClaim, "last_acquired", lastHeld)
 }
 
 // reregister puts our node key back if it vanished while our lease lives (deleted by hand).
@@ -428,6 +448,7 @@ func (r *reconciler) runJobs(ctx, sctx context.Context, jobs []job) {
 	var wg sync.WaitGroup
 	began := time.Now()
 	claimed := r.claimAll(actx, sctx, jobs)
+	claimedAll := time.Since(began)
 	for i, j := range jobs {
 		sem <- struct{}{}
 		wg.Go(func() {
@@ -436,7 +457,7 @@ func (r *reconciler) runJobs(ctx, sctx context.Context, jobs []job) {
 		})
 	}
 	wg.Wait()
-	r.profile(began, results)
+	r.profile(began, claimedAll, results)
 	for _, res := range results {
 		r.record(res)
 	}

@@ -35,7 +35,11 @@ type Cluster struct {
 	// Uplink is this node's interface for tenant networks that name no parent: nodes need
 	// not name their NICs alike for a tenant to move between them.
 	Uplink string
-	Line   int
+	// Standby keeps the images of the tenants this node would take over if another node
+	// died open without their locks (a hot standby), so a takeover only fences, locks and
+	// serves. It costs one open image handle (and its watch on the OSDs) per such image.
+	Standby bool
+	Line    int
 }
 
 // DefaultClusterPrefix and DefaultLeaseTTL are [cluster]'s defaults.
@@ -96,6 +100,7 @@ func (v *validator) cluster(t *table, srv *Server) *Cluster {
 		v.errorf(t.key("prefix"), "%q must start with / and not end with it", c.Prefix)
 	}
 	c.Uplink = t.str("uplink", "", false)
+	c.Standby = t.boolean("standby", true)
 	c.LeaseTTL = t.duration("lease_ttl", c.LeaseTTL)
 	if c.LeaseTTL%time.Second != 0 || c.LeaseTTL < 2*time.Second {
 		v.errorf(t.key("lease_ttl"), "%s: etcd leases are whole seconds, at least 2s", c.LeaseTTL)
@@ -146,5 +151,6 @@ func (v *validator) network(t *table) *tenantnet.Spec {
 // Same reports whether two [cluster] sections say the same.
 func (c *Cluster) Same(o *Cluster) bool {
 	return slices.Equal(c.Endpoints, o.Endpoints) && c.Name == o.Name && c.Address == o.Address &&
-		c.Prefix == o.Prefix && c.LeaseTTL == o.LeaseTTL && c.Uplink == o.Uplink
+		c.Prefix == o.Prefix && c.LeaseTTL == o.LeaseTTL && c.Uplink == o.Uplink &&
+		c.Standby == o.Standby
 }

@@ -43,8 +43,12 @@ func TestClusterNodeSectionsParse(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := cfg.Cluster
-	if c == nil || c.Name != "node-a" || c.Uplink != "eth1" || c.LeaseTTL != 2*time.Second || c.Prefix != DefaultClusterPrefix || len(c.Endpoints) != 2 {
+	if c == nil || c.Name != "node-a" || c.Uplink != "eth1" || c.LeaseTTL != 2*time.Second || c.Prefix != DefaultClusterPrefix || len(c.Endpoints) != 2 || !c.Standby {
 		t.Fatalf("cluster %+v", c)
+	}
+	off, err := Parse("/etc/nstarget/node.toml", []byte(strings.Replace(clusterNode, "lease_ttl", "standby = false\nlease_ttl", 1)))
+	if err != nil || off.Cluster.Standby || off.Cluster.Same(c) {
+		t.Fatalf("standby = false: %v, %+v", err, off.Cluster)
 	}
 	if r := cfg.Server.RBD; cfg.Server.Backend != BackendRBD || r.Pool != "volumes" || r.Client != "admin" || r.OpTimeout != rbd.DefaultOpTimeout {
 		t.Fatalf("rbd %+v", r)

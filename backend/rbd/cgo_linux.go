@@ -33,6 +33,22 @@ static int nst_create(rados_ioctx_t io, const char *name, uint64_t size) {
 	return r;
 }
 
+// The lock librbd's exclusive-lock feature takes on the image's header object (cls_lock).
+#define NST_RBD_LOCK_NAME "rbd_lock"
+
+static ssize_t nst_list_lockers(rados_ioctx_t io, const char *oid, char *clients, size_t *clients_len,
+		char *cookies, size_t *cookies_len, char *addrs, size_t *addrs_len) {
+	int exclusive = 0;
+	char tag[256];
+	size_t tag_len = sizeof(tag);
+	return rados_list_lockers(io, oid, NST_RBD_LOCK_NAME, &exclusive, tag, &tag_len,
+		clients, clients_len, cookies, cookies_len, addrs, addrs_len);
+}
+
+static int nst_break_lock(rados_ioctx_t io, const char *oid, const char *client, const char *cookie) {
+	return rados_break_lock(io, oid, NST_RBD_LOCK_NAME, client, cookie);
+}
+
 static int nst_has_exclusive_lock(rbd_image_t img) {
 	uint64_t f = 0;
 	int r = rbd_get_features(img, &f);
@@ -351,44 +367,86 @@ func rbdMetaRemove(h C.rbd_image_t, key string) error {
 
 // exclusive lock
 
-// rbdLockOwners lists the clients holding the exclusive lock (none is not an error).
-func rbdLockOwners(h C.rbd_image_t) ([]string, error) {
-	n := C.size_t(4)
+// rbdHeader is the name of the image's header object, which carries its exclusive lock: from
+// the handle's cached id, no round trip.
+func rbdHeader(h C.rbd_image_t) (string, error) {
+	var buf [64]C.char
+	if r := C.rbd_get_id(h, &buf[0], C.size_t(len(buf))); r < 0 {
+		return "", errno(int64(r))
+	}
+	return "rbd_header." + C.GoString(&buf[0]), nil
+}
+
+// locker is one holder of an image's exclusive lock, as cls_lock records it.
+type locker struct {
+	client string // entity name, e.g. client.4123
+	cookie string // "auto <handle>" for librbd's managed lock
+	addr   string // the holder's rados client address: what the blocklist names
+}
+
+// radosLockers lists the holders of the exclusive lock on header object oid: one round trip
+// (rbd_lock_get_owners costs the same, but breaking by owner address then costs four more).
+func radosLockers(io C.rados_ioctx_t, oid string) ([]locker, error) {
+	o := cString(oid)
+	defer freeCString(o)
+	n := C.size_t(256)
 	for {
-		// C memory: librbd fills the array with C strings it allocates.
-		arr := (**C.char)(C.calloc(n, C.size_t(unsafe.Sizeof((*C.char)(nil)))))
-		if arr == nil {
+		cl, ck, ad := (*C.char)(C.malloc(n)), (*C.char)(C.malloc(n)), (*C.char)(C.malloc(n))
+		free := func() {
+			C.free(unsafe.Pointer(cl))
+			C.free(unsafe.Pointer(ck))
+			C.free(unsafe.Pointer(ad))
+		}
+		if cl == nil || ck == nil || ad == nil {
+			free()
 			return nil, syscall.ENOMEM
 		}
-		var mode C.rbd_lock_mode_t
-		got := n
-		r := C.rbd_lock_get_owners(h, &mode, arr, &got)
-		switch {
-		case r == -C.ERANGE && got > n:
-			C.free(unsafe.Pointer(arr))
-			n = got
+		cln, ckn, adn := n, n, n
+		r := C.nst_list_lockers(io, o, cl, &cln, ck, &ckn, ad, &adn)
+		if r == -C.ERANGE {
+			free()
+			n = max(2*n, cln, ckn, adn)
 			continue
-		case r == -C.ENOENT:
-			C.free(unsafe.Pointer(arr))
+		}
+		if r == -C.ENOENT || r == 0 {
+			free()
 			return nil, nil
-		case r < 0:
-			C.free(unsafe.Pointer(arr))
+		}
+		if r < 0 {
+			free()
 			return nil, errno(int64(r))
 		}
-		owners := make([]string, 0, int(got))
-		for _, p := range unsafe.Slice(arr, int(got)) {
-			owners = append(owners, C.GoString(p))
+		split := func(p *C.char, l C.size_t) []string {
+			return strings.Split(strings.TrimRight(string(C.GoBytes(unsafe.Pointer(p), C.int(l))), "\x00"), "\x00")
 		}
-		C.rbd_lock_get_owners_cleanup(arr, got)
-		C.free(unsafe.Pointer(arr))
-		return owners, nil
+		clients, cookies, addrs := split(cl, cln), split(ck, ckn), split(ad, adn)
+		free()
+		if len(clients) != int(r) || len(cookies) != int(r) || len(addrs) != int(r) {
+			return nil, fmt.Errorf("lockers of %s: %d lockers but %d clients, %d cookies, %d addresses", oid, r, len(clients), len(cookies), len(addrs))
+		}
+		out := make([]locker, r)
+		for i := range out {
+			// cls_lock prints the address with its messenger type ("v1:127.0.0.1:0/123");
+			// without it, it is what librbd reports as the owner and what the monitors
+			// blocklist (they ignore the type).
+			addr := addrs[i]
+			for _, t := range []string{"v1:", "v2:", "any:"} {
+				addr = strings.TrimPrefix(addr, t)
+			}
+			out[i] = locker{client: clients[i], cookie: cookies[i], addr: addr}
+		}
+		return out, nil
 	}
 }
 
-func rbdLockBreak(h C.rbd_image_t, owner string) error {
-	o := cString(owner)
+// radosBreakLock removes one holder's exclusive lock on header object oid: one round trip.
+// -ENOENT: it does not hold it (any more).
+func radosBreakLock(io C.rados_ioctx_t, oid string, l locker) error {
+	o, cl, ck := cString(oid), cString(l.client), cString(l.cookie)
 	defer freeCString(o)
-	if r := C.rbd_lock_break(h, C.RBD_LOCK_MODE_EXCLUSIVE, o); r < 0 {
+	defer freeCString(cl)
+	defer freeCString(ck)
+	if r := C.nst_break_lock(io, o, cl, ck); r < 0 {
 		return errno(int64(r))
 	}
 	return nil

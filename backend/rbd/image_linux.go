@@ -220,6 +220,25 @@ func (v *image) grow(size int64) error {
 	return nil
 }
 
+// park releases the lock and hands the handle back, still open, for the standby (Cluster.idle);
+// callers hold c.mu and have dropped the last reference. If the release fails the handle is
+// closed and the error returned.
+func (v *image) park() (C.rbd_image_t, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.closed {
+		return nil, fmt.Errorf("rbd: image %s: %w", v.name, backend.ErrClosed)
+	}
+	v.closed = true
+	h := v.h
+	v.h = nil
+	if err := rbdLockRelease(h); err != nil {
+		_ = rbdClose(h)
+		return nil, fmt.Errorf("rbd: image %s: release lock: %w", v.name, err)
+	}
+	return h, nil
+}
+
 // close releases the lock and closes the handle; callers hold c.mu and have dropped the last
 // reference. A fenced client no longer owns the lock, so its release failing is expected and
 // not reported (the caller has seen ErrFenced already); anything else is.

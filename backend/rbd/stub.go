@@ -31,6 +31,9 @@ func Connect(Config) (*Cluster, error) { return nil, errNotCompiled }
 func (*Cluster) Open(string, int64, OpenOptions) (*Image, error) { return nil, errNotCompiled }
 func (*Cluster) Check(string, int64) error                       { return errNotCompiled }
 func (*Cluster) Close() error                                    { return errNotCompiled }
+func (*Cluster) Prepare(string) error                            { return errNotCompiled }
+func (*Cluster) Unprepare(string)                                {}
+func (*Cluster) Standby() []string                               { return nil }
 
 func (*Image) Name() string                       { return "" }
 func (*Image) Size() int64                        { return 0 }
