@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"path/filepath"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
@@ -318,7 +319,16 @@ func (n *Net) announceLocked() error {
 		Halen:    6,
 		Addr:     [8]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff},
 	}
-	return unix.Sendto(n.sys.arpFd, p[:], 0, sa)
+	// ENOBUFS is a full queue on the way out (a veth's backlog, while hundreds of tenants
+	// come up at once): it drains within milliseconds, so the announcement is tried again
+	// for a while rather than failing the tenant's whole network over it.
+	var err error
+	for wait := time.Millisecond; ; wait *= 2 {
+		if err = unix.Sendto(n.sys.arpFd, p[:], 0, sa); !errors.Is(err, unix.ENOBUFS) || wait > 128*time.Millisecond {
+			return err
+		}
+		time.Sleep(wait)
+	}
 }
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
