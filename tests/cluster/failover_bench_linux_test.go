@@ -110,11 +110,100 @@ type failoverResult struct {
 	afterExpiry      time.Duration // expiry to every moved tenant accepting
 	loginAfterExpiry time.Duration // expiry to every moved tenant logged in
 	firstAfterExpiry time.Duration // expiry to the first moved tenant accepting
+	phases           [nPhases]time.Duration
 }
 
+// The survivor's takeover, phase by phase, from its "takeover profile" log lines: each is the
+// moment (after the lease's expiry) the last moved tenant was through it.
+const (
+	phaseHeard   = iota // the survivor's watch delivered the expiry
+	phaseClaimed        // its owner keys created (batched claims)
+	phaseStarted        // the first Acquire began
+	phaseOpened         // images fenced (blocklist, lock break), locked and open
+	phaseNet            // tenant networks up (namespace, interface, address, GARP)
+	phaseApplied        // the reloads that serve them done (listeners follow)
+	nPhases
+)
+
+var phaseNames = [nPhases]string{"heard", "claimed", "acquiring", "images", "network", "reloaded"}
+
 func (r failoverResult) String() string {
-	return fmt.Sprintf("%d moved; kill→expiry %.2f s, expiry→first accepting %.2f s, expiry→all accepting %.2f s, expiry→all logged in %.2f s, kill→all accepting %.2f s",
-		r.moved, r.toExpiry.Seconds(), r.firstAfterExpiry.Seconds(), r.afterExpiry.Seconds(), r.loginAfterExpiry.Seconds(), r.toServe.Seconds())
+	var tl []string
+	for i, d := range r.phases {
+		tl = append(tl, fmt.Sprintf("%s %.2f", phaseNames[i], d.Seconds()))
+	}
+	return fmt.Sprintf("%d moved; kill→expiry %.2f s, expiry→first accepting %.2f s, expiry→all accepting %.2f s, expiry→all logged in %.2f s, kill→all accepting %.2f s; after expiry, all through: %s s",
+		r.moved, r.toExpiry.Seconds(), r.firstAfterExpiry.Seconds(), r.afterExpiry.Seconds(), r.loginAfterExpiry.Seconds(), r.toServe.Seconds(), strings.Join(tl, ", "))
+}
+
+// standbyState is what n's last "cluster: standby" line of its current run says.
+func standbyState(n *node) (tenants, missing int, ok bool) {
+	cur := fmt.Sprintf("[%d] ", n.starts)
+	lines := strings.Split(n.log(), "\n")
+	for i := len(lines) - 1; i >= 0; i-- {
+		rest, found := strings.CutPrefix(lines[i], cur)
+		if !found || !strings.Contains(rest, `"msg":"cluster: standby"`) {
+			continue
+		}
+		var m struct{ Tenants, Missing int }
+		if json.Unmarshal([]byte(rest), &m) != nil {
+			return 0, 0, false
+		}
+		return m.Tenants, m.Missing, true
+	}
+	return 0, 0, false
+}
+
+// takeoverPhases reads the survivor's last takeover profiles (claims, acquire) and returns
+// when, after exp, each phase was over; a phase it cannot find is left zero.
+func takeoverPhases(n *node, exp time.Time) (out [nPhases]time.Duration) {
+	var claims, acq map[string]any
+	cur := fmt.Sprintf("[%d] ", n.starts)
+	for l := range strings.SplitSeq(n.log(), "\n") {
+		rest, ok := strings.CutPrefix(l, cur)
+		if !ok || !strings.Contains(rest, "takeover profile") {
+			continue
+		}
+		var m map[string]any
+		if json.Unmarshal([]byte(rest), &m) != nil {
+			continue
+		}
+		switch m["msg"] {
+		case "takeover profile: claims":
+			claims = m
+		case "takeover profile: acquire":
+			acq = m
+		}
+	}
+	at := func(m map[string]any, k string) (time.Time, bool) {
+		s, _ := m[k].(string)
+		t, err := time.Parse(time.RFC3339Nano, s)
+		return t, err == nil
+	}
+	if t, ok := at(claims, "heard_at"); ok {
+		out[phaseHeard] = t.Sub(exp)
+	}
+	if t, ok := at(claims, "began_at"); ok {
+		if d, ok := claims["batched_claims"].(float64); ok {
+			out[phaseClaimed] = t.Add(time.Duration(d)).Sub(exp)
+		}
+	}
+	first, ok := at(acq, "first_at")
+	if !ok {
+		return out
+	}
+	out[phaseStarted] = first.Sub(exp)
+	for i, stage := range map[int]string{phaseOpened: "open", phaseNet: "net", phaseApplied: "apply"} {
+		s, _ := acq[stage].(string) // "last 1.2s sum … max …"
+		f := strings.Fields(s)
+		if len(f) < 2 {
+			continue
+		}
+		if d, err := time.ParseDuration(f[1]); err == nil {
+			out[i] = first.Add(d).Sub(exp)
+		}
+	}
+	return out
 }
 
 func medianResult(rs []failoverResult) failoverResult {
@@ -129,7 +218,11 @@ func medianResult(rs []failoverResult) failoverResult {
 		}
 		return (v[len(v)/2-1] + v[len(v)/2]) / 2
 	}
-	return failoverResult{moved: rs[0].moved,
+	var phases [nPhases]time.Duration
+	for i := range phases {
+		phases[i] = med(func(r failoverResult) time.Duration { return r.phases[i] })
+	}
+	return failoverResult{moved: rs[0].moved, phases: phases,
 		toExpiry:         med(func(r failoverResult) time.Duration { return r.toExpiry }),
 		toServe:          med(func(r failoverResult) time.Duration { return r.toServe }),
 		afterExpiry:      med(func(r failoverResult) time.Duration { return r.afterExpiry }),
@@ -213,6 +306,18 @@ func failoverOnce(b *testing.B, n int) failoverResult {
 			victims = append(victims, fmt.Sprintf("t%d", i))
 		}
 	}
+	// The survivor's hot standby (the victim's images open without their locks) is part of
+	// the steady state the failover starts from: a node that has just joined, or a tenant
+	// just added, is not covered until its standby pass ends.
+	waitFor(b, survivor.name+"'s standby for the victim's tenants", func() error {
+		if !standby {
+			return nil
+		}
+		if tenants, missing, ok := standbyState(survivor); !ok || tenants != len(victims) || missing != 0 {
+			return fmt.Errorf("standby: %d tenants, %d images missing (%v), want %d tenants", tenants, missing, ok, len(victims))
+		}
+		return nil
+	})
 	swFd, err := unix.Open("/run/netns/"+sw, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		b.Fatal(err)
@@ -280,6 +385,7 @@ func failoverOnce(b *testing.B, n int) failoverResult {
 		r.firstAfterExpiry = min(r.firstAfterExpiry, s.accepted.Sub(tExp))
 		r.loginAfterExpiry = max(r.loginAfterExpiry, s.loggedIn.Sub(tExp))
 	}
+	r.phases = takeoverPhases(survivor, tExp)
 	survivor.stop()
 	if d := os.Getenv("NSTARGET_FAILOVER_LOGS"); d != "" { // the nodes' logs, to study a round
 		for _, nd := range []*node{victim, survivor} {
@@ -356,8 +462,25 @@ func probeAll(swFd int, tenants []string, deadline time.Time) (map[string]probeR
 	out := make(map[string]probeResult, len(ts))
 	errc := make(chan error, 1)
 	go func() {
-		// Never unlocked: the thread ends with the goroutine, still in the switch.
+		// The thread goes back to its own namespace and lives on. It must not end with the
+		// goroutine (a goroutine that exits locked takes its thread with it): tests/cephtest
+		// starts the Ceph daemons with Pdeathsig, which the kernel fires when the *thread*
+		// that forked them exits, and any thread may have been that one. Ending it killed
+		// the OSD and monitor in the middle of a failover now and then: every Ceph call of
+		// the survivor then timed out.
 		runtime.LockOSThread()
+		home, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			errc <- fmt.Errorf("own namespace: %w", err)
+			runtime.UnlockOSThread()
+			return
+		}
+		defer func() {
+			if unix.Setns(home, unix.CLONE_NEWNET) == nil {
+				runtime.UnlockOSThread()
+			} // else it stays locked and ends, still in the switch: never reused there
+			unix.Close(home)
+		}()
 		errc <- func() error {
 			if err := unix.Setns(swFd, unix.CLONE_NEWNET); err != nil {
 				return fmt.Errorf("setns: %w", err)

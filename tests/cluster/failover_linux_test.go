@@ -4,10 +4,13 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"nstarget/cluster"
 )
 
 // TestLibiscsiAndOpenISCSIWritersFollowTheirTenantAcrossNodeFailuresWithEveryAcknowledgedWriteIntact:
@@ -146,10 +149,21 @@ func TestLibiscsiAndOpenISCSIWritersFollowTheirTenantAcrossNodeFailuresWithEvery
 			}
 			return nil
 		})
+		// Every node stands by for the tenants it would get (the images open, unlocked), so
+		// a takeover below is from a pre-opened image: its fencing is what is checked.
+		waitStandby(t, nodes, tenants)
 		t0 := time.Now()
 		f.do(cur)
 		next := owner("t0 taken over after "+f.name+" of "+cur.name, cur.name, false)
 		took := time.Since(t0)
+		if f.fenceExpected && standby {
+			// The image was taken over from the standby handle (opened before the fault,
+			// without the lock), and still fenced: the old owner's blocklisting is checked
+			// below, its writes never landing by the guest's and qemu-io's read-backs.
+			if c := next.countRaw("rbd: fenced the previous lock holder", "image="+prefix+"-t0 ", "standby=true"); c == 0 {
+				t.Errorf("%s: %s fenced t0's image, but not from its standby handle", f.name, next.name)
+			}
+		}
 		write(8) // the same session, reconnected to the same address on another node
 		t.Logf("%s of %s: %s serves t0 after %.2fs; qemu-io went on (%d writes in all)", f.name, cur.name, next.name, took.Seconds(), gen)
 		// The guest follows too, before the old owner is repaired (which may move t0 back):
@@ -234,4 +248,37 @@ func blocklistCount(t *testing.T) int {
 		}
 	}
 	return n
+}
+
+// waitStandby waits until each running node's standby pass covers what cluster.Standby says it
+// would get if another node died, every image open.
+func waitStandby(t *testing.T, nodes map[string]*node, tenants int) {
+	t.Helper()
+	if !standby {
+		return
+	}
+	var names, live []string
+	for i := range tenants {
+		names = append(names, fmt.Sprintf("t%d", i))
+	}
+	for name, n := range nodes {
+		if n.cmd == nil {
+			continue
+		}
+		select {
+		case <-n.done:
+		default:
+			live = append(live, name)
+		}
+	}
+	slices.Sort(live)
+	for _, name := range live {
+		want := len(cluster.Standby(names, live, name))
+		waitFor(t, name+"'s standby", func() error {
+			if got, missing, ok := standbyState(nodes[name]); !ok || got != want || missing != 0 {
+				return fmt.Errorf("standby of %d tenants with %d images missing (%v), want %d tenants", got, missing, ok, want)
+			}
+			return nil
+		})
+	}
 }

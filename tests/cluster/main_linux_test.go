@@ -47,6 +47,10 @@ var (
 	guestReady    = make(chan struct{})
 )
 
+// standby is the nodes' [cluster] standby: on unless NSTARGET_CLUSTER_STANDBY=off, which
+// times (BenchmarkFailover) and tests takeovers that open every image at the takeover.
+var standby = os.Getenv("NSTARGET_CLUSTER_STANDBY") != "off"
+
 // patience bounds every wait for an event; a wait that passes is as fast as the event.
 const patience = 90 * time.Second
 
@@ -308,7 +312,8 @@ name = %q
 uplink = %q
 lease_ttl = "2s"
 prefix = %q
-`, nsDir, filepath.Join(dir, name+"-data"), n.sock, ceph.ConfPath, ceph.Pool, n.proxy.url(), name, up, keys)
+standby = %v
+`, nsDir, filepath.Join(dir, name+"-data"), n.sock, ceph.ConfPath, ceph.Pool, n.proxy.url(), name, up, keys, standby)
 	if err := os.WriteFile(n.cfg, []byte(doc), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -393,6 +398,28 @@ func (n *node) count(msg, tenant string) int {
 			continue
 		}
 		if m["msg"] == msg && (tenant == "" || m["tenant"] == tenant) {
+			c++
+		}
+	}
+	return c
+}
+
+// countRaw counts the lines of n's current run that hold every one of parts: for lines that
+// are not JSON (librbd's and package rbd's, through the default logger).
+func (n *node) countRaw(parts ...string) int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	c := 0
+	cur := fmt.Sprintf("[%d] ", n.starts)
+	for _, l := range n.lines {
+		if !strings.HasPrefix(l, cur) {
+			continue
+		}
+		all := true
+		for _, p := range parts {
+			all = all && strings.Contains(l, p)
+		}
+		if all {
 			c++
 		}
 	}
