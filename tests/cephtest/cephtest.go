@@ -19,6 +19,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -211,14 +212,25 @@ func (c *Cluster) spawn(d Daemon, name string, args ...string) error {
 	cmd := exec.Command(name, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = sysProcAttr()
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("cephtest: start %s: %w", d, err)
-	}
 	p := &proc{name: d.String(), cmd: cmd, exited: make(chan struct{})}
+	// Pdeathsig (sysProcAttr) fires when the *thread* that forked the daemon exits, and Go
+	// ends a thread whenever a goroutine locked to it returns (netns code does so on purpose).
+	// A daemon killed that way mid-test looked like a hung cluster. Forking from a thread
+	// locked until the daemon is reaped keeps any other goroutine off it.
+	started := make(chan error, 1)
 	go func() {
+		runtime.LockOSThread()
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
 		p.err = cmd.Wait()
 		close(p.exited)
 	}()
+	if err := <-started; err != nil {
+		return fmt.Errorf("cephtest: start %s: %w", d, err)
+	}
 	c.procs[d] = p
 	return nil
 }

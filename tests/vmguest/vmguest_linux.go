@@ -173,13 +173,24 @@ func StartProc(cmd *exec.Cmd, name string) (*Proc, error) {
 		cmd.SysProcAttr = &syscall.SysProcAttr{}
 	}
 	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start %s: %w", name, err)
-	}
+	// Pdeathsig fires when the *thread* that forked the child exits, and Go ends a thread
+	// whenever a goroutine locked to it returns (netns code does so on purpose, to drop a
+	// thread left in another namespace). Forking from a thread locked until the child is
+	// reaped keeps any other goroutine off it.
+	started := make(chan error, 1)
 	go func() {
+		runtime.LockOSThread()
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
 		p.err = cmd.Wait()
 		close(p.done)
 	}()
+	if err := <-started; err != nil {
+		return nil, fmt.Errorf("start %s: %w", name, err)
+	}
 	return p, nil
 }
 
