@@ -132,8 +132,19 @@ func TestFenceBlocklistsTheOldOwnerAndKeepsTheNewOwnersWrites(t *testing.T) {
 // acquiring without breaking first waits for a holder that does not answer.
 const hungHolderBound = 20 * time.Second
 
-func TestFenceTakesOverFromAHungHolderWithoutWaitingForIt(t *testing.T) {
-	name := imageName(t, "")
+// holderProc is a child of this test binary that holds an image's lock (holderEnv) and says
+// what happened to it one line at a time on its stdout.
+type holderProc struct {
+	t     *testing.T
+	proc  *os.Process
+	stdin io.Writer
+	lines chan string
+}
+
+// startHolder starts a holder of image name and waits until it says it holds the lock; it is
+// killed when the test ends.
+func startHolder(t *testing.T, name string) *holderProc {
+	t.Helper()
 	holder := exec.Command(os.Args[0])
 	holder.Env = append(os.Environ(), holderEnv+"="+name, "RBD_TEST_CONF="+ceph.ConfPath, "RBD_TEST_POOL="+ceph.Pool)
 	holder.Stderr = os.Stderr
@@ -148,33 +159,41 @@ func TestFenceTakesOverFromAHungHolderWithoutWaitingForIt(t *testing.T) {
 	if err := holder.Start(); err != nil {
 		t.Fatal(err)
 	}
+	h := &holderProc{t: t, proc: holder.Process, stdin: stdin, lines: make(chan string, 4)}
 	exited := make(chan error, 1)
-	lines := make(chan string, 4)
 	go func() {
 		sc := bufio.NewScanner(stdout)
 		for sc.Scan() {
-			lines <- sc.Text()
+			h.lines <- sc.Text()
 		}
-		close(lines)
+		close(h.lines)
 		exited <- holder.Wait()
 	}()
-	defer func() {
+	t.Cleanup(func() {
 		holder.Process.Kill() // the holder is this test's own child
 		<-exited
-	}()
-	expect := func(want string) {
-		t.Helper()
-		select {
-		case l := <-lines:
-			if l != want {
-				t.Fatalf("holder said %q, want %q", l, want)
-			}
-		case <-time.After(failAfter):
-			t.Fatalf("holder did not say %q", want)
+	})
+	h.expect("locked")
+	return h
+}
+
+// expect fails the test unless the holder's next line is want.
+func (h *holderProc) expect(want string) {
+	h.t.Helper()
+	select {
+	case l := <-h.lines:
+		if l != want {
+			h.t.Fatalf("holder said %q, want %q", l, want)
 		}
+	case <-time.After(failAfter):
+		h.t.Fatalf("holder did not say %q", want)
 	}
-	expect("locked")
-	if err := holder.Process.Signal(syscall.SIGSTOP); err != nil {
+}
+
+func TestFenceTakesOverFromAHungHolderWithoutWaitingForIt(t *testing.T) {
+	name := imageName(t, "")
+	h := startHolder(t, name)
+	if err := h.proc.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
 
@@ -195,13 +214,13 @@ func TestFenceTakesOverFromAHungHolderWithoutWaitingForIt(t *testing.T) {
 	}
 
 	// The holder wakes up and tries to write: it must be refused, and B's data must stay.
-	if err := holder.Process.Signal(syscall.SIGCONT); err != nil {
+	if err := h.proc.Signal(syscall.SIGCONT); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := io.WriteString(stdin, "write\n"); err != nil {
+	if _, err := io.WriteString(h.stdin, "write\n"); err != nil {
 		t.Fatal(err)
 	}
-	expect("fenced")
+	h.expect("fenced")
 	got := make([]byte, len(newData))
 	if _, err := b.ReadAt(got, 0); err != nil || !bytes.Equal(got, newData) {
 		t.Fatalf("new owner's data after the old holder woke up: equal=%v, %v", bytes.Equal(got, newData), err)

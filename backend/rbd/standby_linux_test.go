@@ -3,12 +3,9 @@
 package rbd
 
 import (
-	"bufio"
 	"bytes"
 	"errors"
 	"io"
-	"os"
-	"os/exec"
 	"slices"
 	"syscall"
 	"testing"
@@ -20,46 +17,7 @@ import (
 // the new owner's data stays. It only saves the open.
 func TestStandbyTakesOverFromAHungHolderAndTheHolderNeverWritesAgain(t *testing.T) {
 	name := imageName(t, "")
-	holder := exec.Command(os.Args[0])
-	holder.Env = append(os.Environ(), holderEnv+"="+name, "RBD_TEST_CONF="+ceph.ConfPath, "RBD_TEST_POOL="+ceph.Pool)
-	holder.Stderr = os.Stderr
-	stdin, err := holder.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := holder.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := holder.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	lines := make(chan string, 4)
-	go func() {
-		sc := bufio.NewScanner(stdout)
-		for sc.Scan() {
-			lines <- sc.Text()
-		}
-		close(lines)
-		exited <- holder.Wait()
-	}()
-	defer func() {
-		holder.Process.Kill() // the holder is this test's own child
-		<-exited
-	}()
-	expect := func(want string) {
-		t.Helper()
-		select {
-		case l := <-lines:
-			if l != want {
-				t.Fatalf("holder said %q, want %q", l, want)
-			}
-		case <-time.After(failAfter):
-			t.Fatalf("holder did not say %q", want)
-		}
-	}
-	expect("locked")
+	h := startHolder(t, name)
 
 	b := connect(t, 10*time.Second)
 	if err := b.Prepare(name); err != nil {
@@ -76,7 +34,7 @@ func TestStandbyTakesOverFromAHungHolderAndTheHolderNeverWritesAgain(t *testing.
 		t.Fatal(err)
 	}
 
-	if err := holder.Process.Signal(syscall.SIGSTOP); err != nil {
+	if err := h.proc.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
 	before := blocklist(t)
@@ -101,13 +59,13 @@ func TestStandbyTakesOverFromAHungHolderAndTheHolderNeverWritesAgain(t *testing.
 	if _, err := img.WriteAt(newData, 0); err != nil {
 		t.Fatal(err)
 	}
-	if err := holder.Process.Signal(syscall.SIGCONT); err != nil {
+	if err := h.proc.Signal(syscall.SIGCONT); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := io.WriteString(stdin, "write\n"); err != nil {
+	if _, err := io.WriteString(h.stdin, "write\n"); err != nil {
 		t.Fatal(err)
 	}
-	expect("fenced")
+	h.expect("fenced")
 	got := make([]byte, len(newData))
 	if _, err := img.ReadAt(got, 0); err != nil || !bytes.Equal(got, newData) {
 		t.Fatalf("new owner's data after the old holder woke up: equal=%v, %v", bytes.Equal(got, newData), err)
