@@ -177,6 +177,31 @@ func startHolder(t *testing.T, name string) *holderProc {
 	return h
 }
 
+// wakeAndExpectFenced writes through the new owner's image, wakes the (stopped) holder and
+// has it write: it must be refused, and the new owner's data must stay.
+func (h *holderProc) wakeAndExpectFenced(newOwner interface {
+	io.ReaderAt
+	io.WriterAt
+}) {
+	t := h.t
+	t.Helper()
+	newData := bytes.Repeat([]byte{0x55}, 4096)
+	if _, err := newOwner.WriteAt(newData, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.proc.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.WriteString(h.stdin, "write\n"); err != nil {
+		t.Fatal(err)
+	}
+	h.expect("fenced")
+	got := make([]byte, len(newData))
+	if _, err := newOwner.ReadAt(got, 0); err != nil || !bytes.Equal(got, newData) {
+		t.Fatalf("new owner's data after the old holder woke up: equal=%v, %v", bytes.Equal(got, newData), err)
+	}
+}
+
 // expect fails the test unless the holder's next line is want.
 func (h *holderProc) expect(want string) {
 	h.t.Helper()
@@ -208,23 +233,7 @@ func TestFenceTakesOverFromAHungHolderWithoutWaitingForIt(t *testing.T) {
 	if took > hungHolderBound {
 		t.Errorf("take-over took %v: it waited for the hung holder instead of breaking its lock first", took)
 	}
-	newData := bytes.Repeat([]byte{0x55}, 4096)
-	if _, err := b.WriteAt(newData, 0); err != nil {
-		t.Fatal(err)
-	}
-
-	// The holder wakes up and tries to write: it must be refused, and B's data must stay.
-	if err := h.proc.Signal(syscall.SIGCONT); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.WriteString(h.stdin, "write\n"); err != nil {
-		t.Fatal(err)
-	}
-	h.expect("fenced")
-	got := make([]byte, len(newData))
-	if _, err := b.ReadAt(got, 0); err != nil || !bytes.Equal(got, newData) {
-		t.Fatalf("new owner's data after the old holder woke up: equal=%v, %v", bytes.Equal(got, newData), err)
-	}
+	h.wakeAndExpectFenced(b)
 }
 
 func TestPlannedCloseHandsOverWithoutBlocklistingAnyone(t *testing.T) {

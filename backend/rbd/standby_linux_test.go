@@ -5,7 +5,6 @@ package rbd
 import (
 	"bytes"
 	"errors"
-	"io"
 	"slices"
 	"syscall"
 	"testing"
@@ -55,21 +54,7 @@ func TestStandbyTakesOverFromAHungHolderAndTheHolderNeverWritesAgain(t *testing.
 	if after := blocklist(t); len(after) <= len(before) {
 		t.Errorf("blocklist after the take-over: %v, was %v: the holder was not fenced", after, before)
 	}
-	newData := bytes.Repeat([]byte{0x55}, 4096)
-	if _, err := img.WriteAt(newData, 0); err != nil {
-		t.Fatal(err)
-	}
-	if err := h.proc.Signal(syscall.SIGCONT); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.WriteString(h.stdin, "write\n"); err != nil {
-		t.Fatal(err)
-	}
-	h.expect("fenced")
-	got := make([]byte, len(newData))
-	if _, err := img.ReadAt(got, 0); err != nil || !bytes.Equal(got, newData) {
-		t.Fatalf("new owner's data after the old holder woke up: equal=%v, %v", bytes.Equal(got, newData), err)
-	}
+	h.wakeAndExpectFenced(img)
 }
 
 // The last Close of an image its client stands by for releases the lock (a planned hand-over:
