@@ -34,6 +34,7 @@ var (
 	descConns    = prometheus.NewDesc("nstarget_connections", "Open connections.", []string{"tenant"}, nil)
 	descInFlight = prometheus.NewDesc("nstarget_commands_in_flight", "SCSI commands received and not yet fully answered.", []string{"tenant"}, nil)
 	descWindow   = prometheus.NewDesc("nstarget_fair_window", "Commands each session of the tenant may have in flight now because other tenants are busy too; 0: not limited.", []string{"tenant"}, nil)
+	descPace     = prometheus.NewDesc("nstarget_fair_pace_seconds", "How long each command of the tenant waits before it runs because even one command per session costs more than its share; 0: none.", []string{"tenant"}, nil)
 	descBuffers  = prometheus.NewDesc("nstarget_buffer_bytes", "Buffer bytes held for commands and queued answers.", []string{"tenant"}, nil)
 	descLogins   = prometheus.NewDesc("nstarget_logins_total", "Logins by result.", []string{"tenant", "result"}, nil)
 	descNSEvents = prometheus.NewDesc("nstarget_namespace_events_total", "Namespace and listener events.", []string{"kind"}, nil)
@@ -77,7 +78,7 @@ func (e *exporter) event(ev netnsmux.Event) {
 
 func (e *exporter) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descCommands, descRead, descWrite, descLatency, descSessions, descConns,
-		descInFlight, descBuffers, descWindow, descLogins, descNSEvents, descSetns, descSkips, descMismatch, descNS, descLn, descNSConns, descPoolSize, descPoolFree} {
+		descInFlight, descBuffers, descWindow, descPace, descLogins, descNSEvents, descSetns, descSkips, descMismatch, descNS, descLn, descNSConns, descPoolSize, descPoolFree} {
 		ch <- d
 	}
 }
@@ -101,6 +102,7 @@ func (e *exporter) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(descInFlight, prometheus.GaugeValue, float64(tm.Usage.Commands), tm.Name)
 			ch <- prometheus.MustNewConstMetric(descBuffers, prometheus.GaugeValue, float64(tm.Usage.BufferBytes), tm.Name)
 			ch <- prometheus.MustNewConstMetric(descWindow, prometheus.GaugeValue, float64(tm.Usage.FairWindow), tm.Name)
+			ch <- prometheus.MustNewConstMetric(descPace, prometheus.GaugeValue, tm.Usage.FairPace.Seconds(), tm.Name)
 			ch <- prometheus.MustNewConstMetric(descLogins, prometheus.CounterValue, float64(tm.LoginsOK), tm.Name, "ok")
 			ch <- prometheus.MustNewConstMetric(descLogins, prometheus.CounterValue, float64(tm.LoginsFailed), tm.Name, "failed")
 		}

@@ -74,6 +74,12 @@ portal = "10.0.0.1:3260"
 	value(`nstarget_command_duration_seconds_count{tenant="met"}`)
 	value(`nstarget_namespace_events_total{kind="listener_up"}`)
 	value("nstarget_netns_setns_total")
+	// A tenant busy alone is never limited by the fair shares.
+	for _, series := range []string{`nstarget_fair_window{tenant="met"}`, `nstarget_fair_pace_seconds{tenant="met"}`} {
+		if v := value(series); v != "0" {
+			t.Fatalf("%s = %s for a tenant busy alone, want 0", series, v)
+		}
+	}
 	for _, want := range []string{"go_goroutines", "process_resident_memory_bytes", `nstarget_sessions{tenant="met"}`} {
 		if !strings.Contains(text, want) {
 			t.Fatalf("/metrics lacks %s", want)
