@@ -19,12 +19,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
+
+	"nstarget/tests/childproc"
 )
 
 // startTimeout bounds each step of Start that waits for the cluster (every step normally
@@ -55,15 +56,7 @@ type Cluster struct {
 	// Pool is the pool created for the tests, initialised for RBD.
 	Pool string
 
-	procs [2]*proc // indexed by Daemon
-}
-
-// proc is one daemon Start started; exited is closed once it has been reaped.
-type proc struct {
-	name   string
-	cmd    *exec.Cmd
-	exited chan struct{}
-	err    error // valid after exited is closed
+	procs [2]*childproc.Proc // indexed by Daemon
 }
 
 // tools are the binaries Start runs.
@@ -202,7 +195,8 @@ osd class default list = *
 `, dir, fsid, port)
 }
 
-// spawn starts a daemon in the foreground (-f) as a child of this process, output to log/.
+// spawn starts a daemon in the foreground (-f) as a child of this process (which it dies
+// with: childproc), output to log/.
 func (c *Cluster) spawn(d Daemon, name string, args ...string) error {
 	logf, err := os.Create(filepath.Join(c.Dir, "log", d.String()+".out"))
 	if err != nil {
@@ -211,25 +205,9 @@ func (c *Cluster) spawn(d Daemon, name string, args ...string) error {
 	defer logf.Close() // the child has its own copy
 	cmd := exec.Command(name, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = sysProcAttr()
-	p := &proc{name: d.String(), cmd: cmd, exited: make(chan struct{})}
-	// Pdeathsig (sysProcAttr) fires when the *thread* that forked the daemon exits, and Go
-	// ends a thread whenever a goroutine locked to it returns (netns code does so on purpose).
-	// A daemon killed that way mid-test looked like a hung cluster. Forking from a thread
-	// locked until the daemon is reaped keeps any other goroutine off it.
-	started := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		if err := cmd.Start(); err != nil {
-			started <- err
-			return
-		}
-		started <- nil
-		p.err = cmd.Wait()
-		close(p.exited)
-	}()
-	if err := <-started; err != nil {
-		return fmt.Errorf("cephtest: start %s: %w", d, err)
+	p, err := childproc.Start(cmd, d.String())
+	if err != nil {
+		return fmt.Errorf("cephtest: %w", err)
 	}
 	c.procs[d] = p
 	return nil
@@ -249,8 +227,8 @@ func (c *Cluster) cli(ctx context.Context, name string, args []string, stdin str
 		}
 		go func() {
 			select {
-			case <-p.exited:
-				cancel(fmt.Errorf("%s exited: %v", p.name, p.err))
+			case <-p.Done():
+				cancel(fmt.Errorf("%s exited: %v", p.Name, p.Err()))
 			case <-stop:
 			}
 		}()
@@ -294,12 +272,10 @@ func (c *Cluster) signal(d Daemon, sig syscall.Signal) error {
 	if p == nil {
 		return fmt.Errorf("cephtest: %s is not running", d)
 	}
-	select {
-	case <-p.exited:
-		return fmt.Errorf("cephtest: %s has exited: %v", d, p.err)
-	default:
+	if p.Exited() {
+		return fmt.Errorf("cephtest: %s has exited: %v", d, p.Err())
 	}
-	if err := p.cmd.Process.Signal(sig); err != nil {
+	if err := p.Cmd.Process.Signal(sig); err != nil {
 		return fmt.Errorf("cephtest: signal %s: %w", d, err)
 	}
 	return nil
@@ -313,13 +289,7 @@ func (c *Cluster) Stop() error {
 		if p == nil {
 			continue
 		}
-		select {
-		case <-p.exited:
-			continue
-		default:
-		}
-		_ = p.cmd.Process.Kill()
-		<-p.exited
+		p.Kill()
 	}
 	if err := os.RemoveAll(c.Dir); err != nil {
 		return fmt.Errorf("cephtest: %w", err)

@@ -55,7 +55,7 @@ func TestTwoClustersStartInParallelAndStopLeavesNothing(t *testing.T) {
 	for _, c := range clusters {
 		var pids []int
 		for _, p := range c.procs {
-			pids = append(pids, p.cmd.Process.Pid)
+			pids = append(pids, p.Cmd.Process.Pid)
 		}
 		if err := c.Stop(); err != nil {
 			t.Fatal(err)

@@ -14,9 +14,10 @@ import (
 	"runtime"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
+
+	"nstarget/tests/childproc"
 )
 
 //go:embed build-image.sh guest
@@ -158,83 +159,6 @@ func AddTap(ns, name string) error {
 
 // --- processes ----------------------------------------------------------------------------
 
-// Proc is a child process started by StartProc; Stop and Kill act on its PID only.
-type Proc struct {
-	Name string
-	Cmd  *exec.Cmd
-	done chan struct{}
-	err  error // valid after done
-}
-
-// StartProc starts cmd; the child dies with the test binary (a timeout panic skips t.Cleanup).
-func StartProc(cmd *exec.Cmd, name string) (*Proc, error) {
-	p := &Proc{Name: name, Cmd: cmd, done: make(chan struct{})}
-	if cmd.SysProcAttr == nil {
-		cmd.SysProcAttr = &syscall.SysProcAttr{}
-	}
-	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
-	// Pdeathsig fires when the *thread* that forked the child exits, and Go ends a thread
-	// whenever a goroutine locked to it returns (netns code does so on purpose, to drop a
-	// thread left in another namespace). Forking from a thread locked until the child is
-	// reaped keeps any other goroutine off it.
-	started := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		if err := cmd.Start(); err != nil {
-			started <- err
-			return
-		}
-		started <- nil
-		p.err = cmd.Wait()
-		close(p.done)
-	}()
-	if err := <-started; err != nil {
-		return nil, fmt.Errorf("start %s: %w", name, err)
-	}
-	return p, nil
-}
-
-// Done is closed when the process has exited and been reaped.
-func (p *Proc) Done() <-chan struct{} { return p.done }
-
-// Err is what Wait returned; nil until the process has exited.
-func (p *Proc) Err() error {
-	if !p.Exited() {
-		return nil
-	}
-	return p.err
-}
-
-func (p *Proc) Exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
-
-func (p *Proc) Kill() {
-	_ = p.Cmd.Process.Kill()
-	<-p.done
-}
-
-// Stop sends SIGTERM and waits up to grace for the exit, then SIGKILL.
-func (p *Proc) Stop(grace time.Duration) (killed bool) {
-	if p.Exited() {
-		return false
-	}
-	_ = p.Cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-		return false
-	case <-time.After(grace):
-	}
-	_ = p.Cmd.Process.Kill()
-	<-p.done
-	return true
-}
-
 // --- guests -------------------------------------------------------------------------------
 
 // Spec says what one VM runs and where.
@@ -254,7 +178,7 @@ type Guest struct {
 	spec  Spec
 	t     testing.TB
 	start time.Time
-	proc  *Proc
+	proc  *childproc.Proc
 	stdin io.WriteCloser // the guest's serial input: lines for host_listen in guest/lib.sh
 
 	mu      sync.Mutex
@@ -314,7 +238,7 @@ func (im *Image) Boot(t testing.TB, specs ...Spec) []*Guest {
 		g := im.boot(t, spec)
 		booted++
 		go func() {
-			<-g.proc.done
+			<-g.proc.Done()
 			im.cpus.release()
 		}()
 		gs = append(gs, g)
@@ -349,7 +273,7 @@ func (im *Image) boot(t testing.TB, spec Spec) *Guest {
 		args = append(args, "-fw_cfg", "name=opt/e2e/data,file="+f)
 	}
 	cmd := exec.Command("ip", args...)
-	// A pipe of our own rather than cmd.StdoutPipe: Wait (which StartProc calls at once) closes
+	// A pipe of our own rather than cmd.StdoutPipe: Wait (which childproc.Start calls at once) closes
 	// that one as soon as qemu exits, dropping whatever the reader has not read yet, which is the
 	// guest's last lines and its verdict whenever the reader is behind on a loaded machine. This
 	// one is read to EOF and closed by the reader.
@@ -366,7 +290,7 @@ func (im *Image) boot(t testing.TB, spec Spec) *Guest {
 	g := &Guest{spec: spec, t: t, stdin: stdin, changed: make(chan struct{})}
 	g.start = time.Now()
 	// ip netns exec execs qemu in place: the PID is qemu's.
-	p, err := StartProc(cmd, "qemu "+spec.Name)
+	p, err := childproc.Start(cmd, "qemu "+spec.Name)
 	consoleW.Close() // qemu has its own copy: EOF comes when it exits
 	if err != nil {
 		console.Close()
@@ -377,7 +301,7 @@ func (im *Image) boot(t testing.TB, spec Spec) *Guest {
 	go g.read(console)
 	t.Cleanup(func() {
 		_ = p.Cmd.Process.Kill()
-		<-p.done
+		<-p.Done()
 		g.readers.Wait()
 		if t.Failed() || os.Getenv("NSTARGET_E2E_LOGS") != "" {
 			g.mu.Lock()
@@ -478,7 +402,7 @@ func (g *Guest) WaitLineFrom(from int, prefix string, timeout time.Duration) (in
 			if i, _ := find(); i >= 0 {
 				return found(i)
 			}
-			return -1, "", 0, fmt.Errorf("guest %s exited (%v) before %q", g.spec.Name, g.proc.err, prefix)
+			return -1, "", 0, fmt.Errorf("guest %s exited (%v) before %q", g.spec.Name, g.proc.Err(), prefix)
 		case <-deadline.C:
 			return -1, "", 0, fmt.Errorf("guest %s: no %q within %v", g.spec.Name, prefix, timeout)
 		}
@@ -493,7 +417,7 @@ func (g *Guest) Result(timeout time.Duration) (pass bool, summary string) {
 		return false, err.Error()
 	}
 	select {
-	case <-g.proc.done:
+	case <-g.proc.Done():
 	case <-time.After(10 * time.Second):
 	}
 	g.mu.Lock()

@@ -23,6 +23,7 @@ import (
 	"testing"
 	"time"
 
+	"nstarget/tests/childproc"
 	"nstarget/tests/vmguest"
 )
 
@@ -214,11 +215,11 @@ func waitPortal(ns string, timeout time.Duration) error {
 	}
 }
 
-// --- processes and guests (tests/vmguest) -------------------------------------------------
+// --- processes (tests/childproc) and guests (tests/vmguest) -------------------------------------------------
 
-type proc = vmguest.Proc
+type proc = childproc.Proc
 
-var startProc = vmguest.StartProc
+var startProc = childproc.Start
 
 type guest = vmguest.Guest
 

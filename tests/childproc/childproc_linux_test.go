@@ -1,4 +1,4 @@
-package vmguest
+package childproc
 
 import (
 	"fmt"
@@ -14,11 +14,11 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// A child started by StartProc lives until it is stopped, even while goroutines lock their
+// A child started by Start lives until it is stopped, even while goroutines lock their
 // threads and return (which ends those threads, as netns code does on purpose): Pdeathsig
 // follows the thread that forked the child, not the process.
 func TestAChildOutlivesGoroutinesThatEndTheirThreads(t *testing.T) {
-	p, err := StartProc(exec.Command("sleep", "600"), "sleep")
+	p, err := Start(exec.Command("sleep", "600"), "sleep")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,8 +1,0 @@
-//go:build !linux
-
-package cephtest
-
-import "syscall"
-
-// sysProcAttr: only Linux can tie a child's life to its parent's.
-func sysProcAttr() *syscall.SysProcAttr { return nil }
