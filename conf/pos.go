@@ -59,6 +59,35 @@ func (sc *scanner) skipLine() {
 	}
 }
 
+// statement skips blank lines and comments up to the next statement (a table header or a
+// key/value line) and reports whether there is one.
+func (sc *scanner) statement() bool {
+	for {
+		sc.skipBlank()
+		switch {
+		case sc.eof():
+			return false
+		case sc.peek() == '\n' || sc.peek() == '\r':
+			sc.next()
+		case sc.peek() == '#':
+			sc.skipLine()
+		default:
+			return true
+		}
+	}
+}
+
+// header consumes the opening bracket(s) of a table header and reports whether it is that of
+// an array of tables ("[[").
+func (sc *scanner) header() (array bool) {
+	array = sc.has("[[")
+	sc.i++
+	if array {
+		sc.i++
+	}
+	return array
+}
+
 // key reads a dotted key (bare or quoted parts) and stops before '=' or ']'.
 func (sc *scanner) key() []string {
 	var parts []string
@@ -228,26 +257,10 @@ func scan(doc string, all bool) positions {
 		return out
 	}
 	sc := &scanner{s: doc, line: 1}
-	for !sc.eof() {
-		sc.skipBlank()
-		if sc.eof() {
-			break
-		}
-		switch sc.peek() {
-		case '\n', '\r':
-			sc.next()
-			continue
-		case '#':
-			sc.skipLine()
-			continue
-		case '[':
+	for sc.statement() {
+		if sc.peek() == '[' {
 			line := sc.line
-			array := sc.has("[[")
-			if array {
-				sc.i += 2
-			} else {
-				sc.i++
-			}
+			array := sc.header()
 			parts := sc.key()
 			if len(parts) == 0 {
 				sc.skipLine()
@@ -330,24 +343,9 @@ func PeekPortals(file string, data []byte) (netnsDir string, portals []Portal, o
 	}
 	var tenants []tenant
 	section := "" // "server", "tenant" (the last [[tenant]] itself) or "other" (their sub-tables)
-	for !sc.eof() {
-		sc.skipBlank()
-		if sc.eof() {
-			break
-		}
-		switch sc.peek() {
-		case '\n', '\r':
-			sc.next()
-			continue
-		case '#':
-			sc.skipLine()
-			continue
-		case '[':
-			array := sc.has("[[")
-			sc.i++
-			if array {
-				sc.i++
-			}
+	for sc.statement() {
+		if sc.peek() == '[' {
+			array := sc.header()
 			parts := sc.key()
 			if !sc.eof() && sc.peek() == ']' {
 				sc.i++
