@@ -33,12 +33,8 @@ func newSockWriter(nc net.Conn) *sockWriter {
 	if !rawSocketCalls {
 		return nil
 	}
-	sc, ok := nc.(syscall.Conn)
+	rc, ok := rawConn(nc)
 	if !ok {
-		return nil
-	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
 		return nil
 	}
 	w := &sockWriter{rc: rc}

@@ -48,14 +48,20 @@ type spinReader struct {
 	spin bool
 }
 
-// newSocketReader returns nc itself when it is not a socket this can spin on.
-func newSocketReader(nc net.Conn, busy *atomic.Int32, shared *atomic.Uint32) io.Reader {
+// rawConn is nc's descriptor for the raw read and write paths; false when nc is not a socket.
+func rawConn(nc net.Conn) (syscall.RawConn, bool) {
 	sc, ok := nc.(syscall.Conn)
 	if !ok {
-		return nc
+		return nil, false
 	}
 	rc, err := sc.SyscallConn()
-	if err != nil {
+	return rc, err == nil
+}
+
+// newSocketReader returns nc itself when it is not a socket this can spin on.
+func newSocketReader(nc net.Conn, busy *atomic.Int32, shared *atomic.Uint32) io.Reader {
+	rc, ok := rawConn(nc)
+	if !ok {
 		return nc
 	}
 	s := &spinReader{rc: rc, busy: busy, shared: shared}
